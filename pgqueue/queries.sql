@@ -1,0 +1,461 @@
+-- Every runtime SQL statement of pgqueue. Each starts with `-- name: NAME` and a line of
+-- purpose; pgqueue/queries.py loads them by name. Parameters are psycopg's %(name)s.
+--
+-- Lock order, everywhere: queues row -> tenants rows -> conversations rows -> jobs rows.
+-- Claims, completions and rescues all begin by locking their queue row, which
+-- serialises admission (G2, G3, G4): two claimers can never each count free slots in
+-- their own snapshot and overshoot together. Enqueue takes only its conversation row.
+-- Conversation advisory locks (session level, on each worker's lock connection) use the
+-- bigint key hashtextextended(queue || chr(31) || conversation, 0).
+
+
+-- name: ensure_queue
+-- Creates the queue's settings row with the defaults (global 20, tenant 5, 80/s) once.
+INSERT INTO pgqueue.queues (name) VALUES (%(queue)s) ON CONFLICT (name) DO NOTHING;
+
+
+-- name: enqueue_job
+-- Appends one message to the tail of its conversation in one statement. The upsert of
+-- the conversation row takes that row's lock and returns the latest committed count,
+-- not this statement's snapshot: the job is head exactly when it is the conversation's
+-- only unfinished job, and a concurrent promotion (complete_jobs) waits for us or we
+-- for it. Suppressed numbers and unknown tenants insert nothing (zero rows back).
+-- Without an explicit priority, the queue's message-type table gives one (G5).
+WITH allowed AS (
+    SELECT 1
+    FROM pgqueue.tenants t
+    WHERE t.id = %(tenant_id)s
+      AND NOT EXISTS (SELECT 1 FROM pgqueue.suppressions s
+                      WHERE s.tenant_id = %(tenant_id)s AND s.phone_number = %(to_number)s)
+), conv AS (
+    INSERT INTO pgqueue.conversations AS c (queue, conversation, pending)
+    SELECT %(queue)s, %(conversation)s, 1 FROM allowed
+    ON CONFLICT (queue, conversation)
+    DO UPDATE SET pending = c.pending + 1, updated_at = now()
+    RETURNING pending
+), job AS (
+    INSERT INTO pgqueue.jobs (
+        queue, tenant_id, conversation, is_head, state, priority, run_at, to_number,
+        from_number, body, content_sid, content_variables, message_type, idempotency_key,
+        max_attempts)
+    SELECT %(queue)s, %(tenant_id)s, %(conversation)s, conv.pending = 1,
+           CASE WHEN %(run_at)s::timestamptz > now() THEN 'delayed' ELSE 'waiting' END,
+           coalesce(%(priority)s::int,
+                    (SELECT (q.message_type_priorities ->> %(message_type)s::text)::int
+                     FROM pgqueue.queues q WHERE q.name = %(queue)s), 0),
+           coalesce(%(run_at)s::timestamptz, now()), %(to_number)s,
+           %(from_number)s, %(body)s, %(content_sid)s, %(content_variables)s::jsonb,
+           %(message_type)s, %(idempotency_key)s, %(max_attempts)s
+    FROM conv
+    RETURNING id, state, run_at, created_at
+)
+SELECT job.id, job.state, job.run_at, job.created_at, conv.pending - 1 AS ahead,
+       pg_notify('pgqueue_' || %(queue)s, '') AS notified
+FROM job, conv;
+
+
+-- name: enqueue_batch
+-- The batch variant: all rows in one statement, so a batch is all or nothing. Rows of
+-- one conversation keep their input order (`ord`); conversation rows are upserted once
+-- each, in key order, so concurrent batches cannot deadlock on them.
+WITH input AS (
+    SELECT *
+    FROM unnest(%(tenant_ids)s::text[], %(conversations)s::text[], %(priorities)s::int[],
+                %(run_ats)s::timestamptz[], %(to_numbers)s::text[], %(from_numbers)s::text[],
+                %(bodies)s::text[], %(content_sids)s::text[], %(content_variables)s::jsonb[],
+                %(message_types)s::text[], %(idempotency_keys)s::text[])
+         WITH ORDINALITY AS i(tenant_id, conversation, priority, run_at, to_number,
+                              from_number, body, content_sid, content_variables,
+                              message_type, idempotency_key, ord)
+), counts AS (
+    SELECT conversation, count(*)::int AS n FROM input GROUP BY conversation
+), conv AS (
+    INSERT INTO pgqueue.conversations AS c (queue, conversation, pending)
+    SELECT %(queue)s, conversation, n FROM counts ORDER BY conversation
+    ON CONFLICT (queue, conversation)
+    DO UPDATE SET pending = c.pending + excluded.pending, updated_at = now()
+    RETURNING conversation, pending
+), numbered AS (
+    SELECT input.*, conv.pending - counts.n
+               + row_number() OVER (PARTITION BY input.conversation ORDER BY input.ord) AS position
+    FROM input
+    JOIN counts USING (conversation)
+    JOIN conv USING (conversation)
+), job AS (
+    INSERT INTO pgqueue.jobs (
+        queue, tenant_id, conversation, is_head, state, priority, run_at, to_number,
+        from_number, body, content_sid, content_variables, message_type, idempotency_key,
+        max_attempts)
+    SELECT %(queue)s, tenant_id, conversation, position = 1,
+           CASE WHEN run_at > now() THEN 'delayed' ELSE 'waiting' END,
+           coalesce(priority, (SELECT (q.message_type_priorities ->> message_type)::int
+                               FROM pgqueue.queues q WHERE q.name = %(queue)s), 0),
+           coalesce(run_at, now()), to_number, from_number, body, content_sid,
+           content_variables, message_type, idempotency_key, %(max_attempts)s
+    FROM numbered
+    ORDER BY ord
+    RETURNING id, seq, state, run_at, created_at, conversation
+)
+SELECT job.id, job.state, job.run_at, job.created_at,
+       row_number() OVER (PARTITION BY job.conversation ORDER BY job.seq)
+           + conv.pending - counts.n - 1 AS ahead,
+       pg_notify('pgqueue_' || %(queue)s, '') AS notified
+FROM job
+JOIN conv USING (conversation)
+JOIN counts USING (conversation)
+ORDER BY job.seq;
+
+
+-- name: enqueue_refusal
+-- Says why enqueue_job inserted nothing: unknown tenant, or a suppressed number.
+SELECT EXISTS (SELECT 1 FROM pgqueue.tenants WHERE id = %(tenant_id)s) AS tenant_exists,
+       (SELECT reason_code FROM pgqueue.suppressions
+        WHERE tenant_id = %(tenant_id)s AND phone_number = %(to_number)s) AS suppressed_code;
+
+
+-- name: find_idempotent
+-- The job an idempotency key already names for this tenant, live or finished.
+SELECT id, state, run_at, created_at, 0 AS ahead FROM pgqueue.jobs
+WHERE tenant_id = %(tenant_id)s AND idempotency_key = %(idempotency_key)s
+UNION ALL
+SELECT id, state, run_at, created_at, 0 FROM pgqueue.job_history
+WHERE tenant_id = %(tenant_id)s AND idempotency_key = %(idempotency_key)s
+LIMIT 1;
+
+
+-- name: lock_queue
+-- Serialises admission and counter changes for one queue (see the lock order above).
+SELECT name FROM pgqueue.queues WHERE name = %(queue)s FOR UPDATE;
+
+
+-- name: claim_jobs
+-- Claims up to %(max_jobs)s conversation heads. Run right after lock_queue, in the same
+-- transaction, so this statement's snapshot already holds every committed counter.
+--  * only tenants with a free slot (G2), not paused, within their own rate, are looked
+--    at, each through a LATERAL over the heads-only index: a saturated tenant's backlog
+--    and a conversation's queued tail are never scanned;
+--  * order: priority (G5), then the tenant with the fewest sends in flight counting the
+--    ones this claim hands out, then the tenant served longest ago (G6), then seq;
+--  * at most the free global slots (G3);
+--  * rate (G4): starts are paced by GCRA on the database clock, one every
+--    1 / (0.985 * R) seconds, each job carrying the moment (`start_at`) it may start.
+--    Evenly spaced starts put at most ceil(0.985 * R * (1 s + jitter)) <= R of them in any
+--    1-second window as long as the jitter between start_at and the request reaching
+--    the provider stays under 15 ms at R = 80, and still deliver 98.5 %% of R. A token
+--    bucket of capacity R would allow 2R in one second. Slots are handed out at most
+--    %(lookahead)s seconds ahead, so a crash wastes little of the budget;
+--  * the conversation's advisory lock is taken in the same statement (G9): a job is
+--    never active and committed while its owner does not hold that lock.
+WITH q AS (
+    SELECT name, global_concurrency, tenant_concurrency, active,
+           clock_timestamp() AS now,
+           greatest(rate_tat, clock_timestamp()) AS base,
+           1.0 / (rate_per_second * 0.985) AS spacing
+    FROM pgqueue.queues WHERE name = %(queue)s
+), budget AS (
+    SELECT least(
+               %(max_jobs)s,
+               global_concurrency - active,
+               CASE WHEN base > now + make_interval(secs => %(lookahead)s) THEN 0
+                    ELSE floor(extract(epoch FROM now - base + make_interval(secs => %(lookahead)s))
+                               / spacing)::int + 1
+               END) AS n
+    FROM q
+), free_tenants AS (
+    SELECT t.id, t.active, t.last_served_at,
+           CASE WHEN t.rate_per_second IS NULL
+                THEN coalesce(t.max_concurrency, q.tenant_concurrency) - t.active
+                ELSE 1 END AS free
+    FROM pgqueue.tenants t, q
+    WHERE NOT t.paused
+      AND t.active < coalesce(t.max_concurrency, q.tenant_concurrency)
+      AND (t.rate_per_second IS NULL OR t.rate_tat <= q.now)
+      AND (SELECT n FROM budget) > 0
+), candidates AS (
+    SELECT h.id, h.priority, h.seq, ft.id AS tenant_id, ft.active, ft.last_served_at
+    FROM free_tenants ft
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.priority, j.seq
+        FROM pgqueue.jobs j
+        WHERE j.queue = %(queue)s AND j.tenant_id = ft.id
+          AND j.is_head AND j.state <> 'active'
+          AND j.run_at <= (SELECT now FROM q)
+        ORDER BY j.priority DESC, j.seq
+        LIMIT ft.free
+        FOR UPDATE SKIP LOCKED
+    ) h
+), ranked AS (
+    SELECT c.*,
+           c.active + row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.priority DESC, c.seq)
+               AS tenant_load
+    FROM candidates c
+), chosen AS (
+    SELECT r.id,
+           row_number() OVER (ORDER BY r.priority DESC, r.tenant_load,
+                                       r.last_served_at NULLS FIRST, r.seq) AS slot
+    FROM ranked r
+    ORDER BY r.priority DESC, r.tenant_load, r.last_served_at NULLS FIRST, r.seq
+    LIMIT (SELECT n FROM budget)
+), claimed AS (
+    UPDATE pgqueue.jobs j
+    SET state = 'active',
+        attempts = j.attempts + 1,
+        claim_token = gen_random_uuid(),
+        claimed_by = %(worker_id)s,
+        start_at = q.base + make_interval(secs => q.spacing * (chosen.slot - 1)),
+        started_at = coalesce(j.started_at, q.base + make_interval(secs => q.spacing * (chosen.slot - 1))),
+        lease_expires_at = q.now + make_interval(secs => %(lease)s),
+        updated_at = q.now
+    FROM chosen, q
+    WHERE j.id = chosen.id
+    RETURNING j.*, chosen.slot
+), per_tenant AS (
+    SELECT tenant_id, count(*)::int AS n, max(start_at) AS last_start
+    FROM claimed GROUP BY tenant_id
+), tenant_counts AS (
+    UPDATE pgqueue.tenants t
+    SET active = t.active + pt.n,
+        last_served_at = q.now,
+        rate_tat = CASE WHEN t.rate_per_second IS NULL THEN t.rate_tat
+                        ELSE greatest(t.rate_tat, pt.last_start)
+                             + make_interval(secs => 1.0 / t.rate_per_second) END
+    FROM per_tenant pt, q
+    WHERE t.id = pt.tenant_id
+), queue_counts AS (
+    UPDATE pgqueue.queues qq
+    SET active = qq.active + (SELECT count(*) FROM claimed),
+        rate_tat = q.base + make_interval(secs => q.spacing * (SELECT count(*) FROM claimed))
+    FROM q
+    WHERE qq.name = q.name AND EXISTS (SELECT 1 FROM claimed)
+)
+SELECT c.id, c.queue, c.tenant_id, c.conversation, c.priority, c.to_number, c.from_number,
+       c.body, c.content_sid, c.content_variables, c.message_type, c.attempts,
+       c.max_attempts, c.claim_token, c.start_at, c.created_at, c.idempotency_key,
+       extract(epoch FROM c.start_at - q.now)::float8 AS start_delay,
+       t.account_sid, t.auth_token, t.whatsapp_from, t.fallback_content_sid,
+       t.fallback_variable,
+       hashtextextended(c.queue || chr(31) || c.conversation, 0) AS lock_key,
+       pg_try_advisory_lock(hashtextextended(c.queue || chr(31) || c.conversation, 0)) AS locked
+FROM claimed c
+JOIN pgqueue.tenants t ON t.id = c.tenant_id
+CROSS JOIN q
+ORDER BY c.slot;
+
+
+-- name: claim_hints
+-- When a claim came back short: when the next rate slot opens and when the next
+-- delayed head becomes due, so the worker sleeps exactly that long.
+SELECT extract(epoch FROM rate_tat - clock_timestamp())::float8 AS rate_wait,
+       (SELECT extract(epoch FROM min(j.run_at) - clock_timestamp())::float8
+        FROM pgqueue.jobs j
+        WHERE j.queue = %(queue)s AND j.is_head AND j.state <> 'active'
+          AND j.run_at > clock_timestamp()) AS due_wait
+FROM pgqueue.queues WHERE name = %(queue)s;
+
+
+-- name: complete_jobs
+-- Applies a batch of outcomes, each only if the job is still active under the claim
+-- token the caller holds (a rescued or re-claimed job is never overwritten by a late
+-- worker). Run right after lock_queue. In this one statement: finished jobs (completed,
+-- failed) move to job_history; retried ones stay head of their conversation with a new
+-- run_at (G1: they block the later messages); released ones go back without spending
+-- the attempt; the tenant, queue and conversation counters move by exactly the jobs
+-- that changed (G2, G3 cannot drift). Promotion follows in promote_heads.
+WITH input AS (
+    SELECT *
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(outcomes)s::text[],
+                %(delays)s::float8[], %(codes)s::text[], %(messages)s::text[],
+                %(sids)s::text[], %(statuses)s::text[], %(channels)s::text[])
+         AS i(id, token, outcome, delay, code, message, sid, status, channel)
+), mine AS (
+    SELECT j.id, j.tenant_id, j.conversation, i.outcome, i.delay, i.code, i.message,
+           i.sid, i.status, i.channel
+    FROM pgqueue.jobs j
+    JOIN input i ON i.id = j.id AND i.token = j.claim_token
+    WHERE j.state = 'active' AND j.queue = %(queue)s
+    FOR UPDATE OF j
+), finished AS (
+    DELETE FROM pgqueue.jobs j
+    USING mine m
+    WHERE j.id = m.id AND m.outcome IN ('completed', 'failed')
+    RETURNING j.*, m.outcome, m.code AS new_code, m.message AS new_message,
+              m.sid AS new_sid, m.status AS new_status, m.channel AS new_channel
+), history AS (
+    INSERT INTO pgqueue.job_history (
+        id, seq, queue, tenant_id, conversation, priority, run_at, to_number, from_number,
+        body, content_sid, content_variables, message_type, idempotency_key, attempts,
+        max_attempts, last_error_code, last_error_message, provider_sid, provider_status,
+        channel, created_at, started_at, state, finished_at)
+    SELECT id, seq, queue, tenant_id, conversation, priority, run_at, to_number,
+           from_number, body, content_sid, content_variables, message_type,
+           idempotency_key, attempts, max_attempts,
+           coalesce(f.new_code, f.last_error_code),
+           coalesce(f.new_message, f.last_error_message),
+           coalesce(f.new_sid, f.provider_sid), coalesce(f.new_status, f.provider_status),
+           coalesce(f.new_channel, f.channel), created_at, started_at, f.outcome,
+           clock_timestamp()
+    FROM finished f
+), requeued AS (
+    UPDATE pgqueue.jobs j
+    SET state = CASE WHEN m.delay > 0 THEN 'delayed' ELSE 'waiting' END,
+        run_at = clock_timestamp() + make_interval(secs => greatest(m.delay, 0)),
+        attempts = CASE WHEN m.outcome = 'release' THEN j.attempts - 1 ELSE j.attempts END,
+        last_error_code = coalesce(m.code, j.last_error_code),
+        last_error_message = coalesce(m.message, j.last_error_message),
+        claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, start_at = NULL,
+        updated_at = clock_timestamp()
+    FROM mine m
+    WHERE j.id = m.id AND m.outcome IN ('retry', 'release')
+    RETURNING j.id
+), tenant_counts AS (
+    UPDATE pgqueue.tenants t
+    SET active = t.active - x.n, completed_total = t.completed_total + x.completed,
+        failed_total = t.failed_total + x.failed
+    FROM (SELECT tenant_id, count(*)::int AS n,
+                 count(*) FILTER (WHERE outcome = 'completed') AS completed,
+                 count(*) FILTER (WHERE outcome = 'failed') AS failed
+          FROM mine GROUP BY tenant_id ORDER BY tenant_id) x
+    WHERE t.id = x.tenant_id
+), queue_counts AS (
+    UPDATE pgqueue.queues q SET active = q.active - (SELECT count(*) FROM mine)
+    WHERE q.name = %(queue)s AND EXISTS (SELECT 1 FROM mine)
+), conversation_counts AS (
+    UPDATE pgqueue.conversations c
+    SET pending = c.pending - x.n, updated_at = clock_timestamp()
+    FROM (SELECT conversation, count(*)::int AS n FROM finished
+          GROUP BY conversation ORDER BY conversation) x
+    WHERE c.queue = %(queue)s AND c.conversation = x.conversation
+)
+SELECT m.id, m.outcome, m.conversation FROM mine m;
+
+
+-- name: promote_heads
+-- Makes the next job of each conversation whose head just finished its new head. A
+-- separate statement from complete_jobs on purpose: its fresh snapshot sees a job that
+-- an enqueue committed while we waited for the conversation row, and the old head is
+-- already gone, so the one-head-per-conversation index never sees two.
+UPDATE pgqueue.jobs j
+SET is_head = true, updated_at = clock_timestamp()
+FROM (
+    SELECT DISTINCT ON (n.conversation) n.id
+    FROM pgqueue.jobs n
+    WHERE n.queue = %(queue)s AND n.conversation = ANY(%(conversations)s::text[])
+    ORDER BY n.conversation, n.seq
+) nxt
+WHERE j.id = nxt.id AND NOT j.is_head;
+
+
+-- name: release_locks
+-- Drops this worker's conversation locks for jobs it no longer holds.
+SELECT count(*) FILTER (WHERE pg_advisory_unlock(k)) AS released
+FROM unnest(%(keys)s::bigint[]) AS k;
+
+
+-- name: retake_locks
+-- After the lock connection was lost (network blip, database restart): take back the
+-- conversation locks of the jobs this worker still holds under its claim tokens.
+SELECT j.id, pg_try_advisory_lock(hashtextextended(j.queue || chr(31) || j.conversation, 0))
+           AS locked
+FROM pgqueue.jobs j
+WHERE j.claim_token = ANY(%(tokens)s::uuid[]) AND j.state = 'active';
+
+
+-- name: find_orphans
+-- Active jobs whose worker is gone (G9): nobody holds the conversation lock and no
+-- connection of the claiming worker exists, so its process died and its locks went with
+-- it. Right after a database restart every lock is gone, so live workers get a grace
+-- (%(grace)s s from the server's start) to reconnect and take theirs back. A job whose
+-- lease ran out is rescued too: its worker lives but is wedged.
+SELECT j.id, j.claim_token, j.attempts, j.max_attempts, j.claimed_by,
+       j.lease_expires_at < clock_timestamp() AS lease_expired
+FROM pgqueue.jobs j
+WHERE j.queue = %(queue)s AND j.state = 'active'
+  AND (
+    j.lease_expires_at < clock_timestamp()
+    OR (
+      pg_postmaster_start_time() < clock_timestamp() - make_interval(secs => %(grace)s)
+      AND NOT EXISTS (
+        SELECT 1 FROM pg_stat_activity a
+        WHERE a.application_name = 'pgqueue-worker:' || j.claimed_by)
+      AND NOT EXISTS (
+        SELECT 1 FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND ((l.classid::bigint << 32) | l.objid::bigint)
+              = hashtextextended(j.queue || chr(31) || j.conversation, 0))
+    )
+  );
+
+
+-- name: extend_leases
+-- Heartbeat: pushes out the lease of the jobs this worker is still sending.
+UPDATE pgqueue.jobs
+SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s)
+WHERE claim_token = ANY(%(tokens)s::uuid[]) AND state = 'active';
+
+
+-- name: throttle_queue
+-- The provider said 429: no send of this queue starts before Retry-After has passed.
+UPDATE pgqueue.queues
+SET rate_tat = greatest(rate_tat, clock_timestamp() + make_interval(secs => %(seconds)s))
+WHERE name = %(queue)s;
+
+
+-- name: pause_tenant
+-- The tenant's own set-up is broken (bad credentials, …): its jobs wait, burning nothing.
+UPDATE pgqueue.tenants
+SET paused = true, pause_reason = %(reason)s, updated_at = now()
+WHERE id = %(tenant_id)s;
+
+
+-- name: register_worker
+-- Announces a worker (for `pgqueue doctor` and the metrics); heartbeat keeps it fresh.
+INSERT INTO pgqueue.workers (id, queue, hostname, pid, concurrency)
+VALUES (%(id)s, %(queue)s, %(hostname)s, %(pid)s, %(concurrency)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now();
+
+
+-- name: heartbeat_worker
+UPDATE pgqueue.workers SET heartbeat_at = now() WHERE id = %(id)s;
+
+
+-- name: unregister_worker
+DELETE FROM pgqueue.workers WHERE id = %(id)s;
+
+
+-- name: forget_dead_workers
+-- Worker rows whose process has no connection left and which stopped heartbeating.
+DELETE FROM pgqueue.workers w
+WHERE w.heartbeat_at < now() - make_interval(secs => %(grace)s)
+  AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                  WHERE a.application_name = 'pgqueue-worker:' || w.id);
+
+
+-- name: forget_idle_conversations
+-- Conversation rows with nothing pending, left alone for a while (an upsert recreates one).
+DELETE FROM pgqueue.conversations
+WHERE pending = 0 AND updated_at < now() - interval '10 minutes';
+
+
+-- name: queue_counts
+-- The old system's metrics for one queue. Live states are counted on the small live
+-- table; completed comes from the tenants' counters and failed from a partial index, so
+-- the cost does not grow with history.
+SELECT
+  count(*) FILTER (WHERE j.state <> 'active' AND j.run_at <= now()) AS waiting,
+  count(*) FILTER (WHERE j.state = 'active') AS active,
+  count(*) FILTER (WHERE j.state <> 'active' AND j.run_at > now()) AS delayed
+FROM pgqueue.jobs j
+WHERE j.queue = %(queue)s;
+
+
+-- name: batch_refusals
+-- The first message of a batch that cannot be enqueued: unknown tenant or suppressed number.
+SELECT i.ord - 1 AS index, t.id IS NULL AS unknown_tenant, s.reason_code AS suppressed_code
+FROM unnest(%(tenant_ids)s::text[], %(to_numbers)s::text[])
+     WITH ORDINALITY AS i(tenant_id, to_number, ord)
+LEFT JOIN pgqueue.tenants t ON t.id = i.tenant_id
+LEFT JOIN pgqueue.suppressions s ON s.tenant_id = i.tenant_id AND s.phone_number = i.to_number
+WHERE t.id IS NULL OR s.reason_code IS NOT NULL
+ORDER BY i.ord
+LIMIT 1;

@@ -1,0 +1,280 @@
+"""The schema's single source: SQLAlchemy Core tables, Alembic's target.
+
+Invariants live here as constraints and partial unique indexes, so the database refuses a
+state that would break a guarantee instead of trusting every code path to avoid it:
+
+* one head per conversation (G1): `jobs_one_head_per_conversation`;
+* one send in flight per conversation (G1): `jobs_one_active_per_conversation`;
+* counters never negative (G2, G3): `CHECK (active >= 0)`;
+* an active job always carries its claim token (fencing).
+
+Finished jobs leave `jobs` for `job_history`, partitioned by day on `finished_at`, so the
+live table stays small and retention is `DROP TABLE` of old partitions.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Double,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Sequence,
+    SmallInteger,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+
+SCHEMA = "pgqueue"
+metadata = MetaData(schema=SCHEMA)
+
+TZ = TIMESTAMP(timezone=True)
+NOW = text("now()")
+
+job_seq = Sequence("job_seq", metadata=metadata, schema=SCHEMA)
+
+queues = Table(
+    "queues",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("global_concurrency", Integer, nullable=False, server_default=text("20")),
+    Column("tenant_concurrency", Integer, nullable=False, server_default=text("5")),
+    Column("rate_per_second", Double, nullable=False, server_default=text("80")),
+    # GCRA state: the earliest moment the next send may start (G4). Pushed forward on
+    # every claim and by a provider's 429, so it also is the bucket's pause.
+    Column("rate_tat", TZ, nullable=False, server_default=NOW),
+    Column("active", Integer, nullable=False, server_default=text("0")),
+    Column("retention_days", Integer, nullable=False, server_default=text("7")),
+    Column(
+        "message_type_priorities",
+        JSONB,
+        nullable=False,
+        server_default=text(
+            """'{"customer_service": 10, "marketing": 5, "notification": 0}'::jsonb"""
+        ),
+    ),
+    Column("created_at", TZ, nullable=False, server_default=NOW),
+    Column("updated_at", TZ, nullable=False, server_default=NOW),
+    CheckConstraint("active >= 0", name="queues_active_nonnegative"),
+    CheckConstraint("global_concurrency >= 1", name="queues_global_concurrency_positive"),
+    CheckConstraint("tenant_concurrency >= 1", name="queues_tenant_concurrency_positive"),
+    CheckConstraint("rate_per_second > 0", name="queues_rate_positive"),
+    CheckConstraint("retention_days >= 1", name="queues_retention_positive"),
+)
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("account_sid", Text, nullable=False),
+    Column("auth_token", Text, nullable=False),
+    Column("whatsapp_from", Text, nullable=False),
+    Column("max_concurrency", Integer),
+    Column("rate_per_second", Double),
+    Column("rate_tat", TZ, nullable=False, server_default=NOW),
+    Column("paused", Boolean, nullable=False, server_default=text("false")),
+    Column("pause_reason", Text),
+    Column("fallback_content_sid", Text),
+    Column("fallback_variable", Text),
+    Column("active", Integer, nullable=False, server_default=text("0")),
+    Column("last_served_at", TZ),
+    Column("completed_total", BigInteger, nullable=False, server_default=text("0")),
+    Column("failed_total", BigInteger, nullable=False, server_default=text("0")),
+    Column("created_at", TZ, nullable=False, server_default=NOW),
+    Column("updated_at", TZ, nullable=False, server_default=NOW),
+    CheckConstraint("active >= 0", name="tenants_active_nonnegative"),
+    CheckConstraint(
+        "max_concurrency IS NULL OR max_concurrency >= 1", name="tenants_max_concurrency_positive"
+    ),
+    CheckConstraint("rate_per_second IS NULL OR rate_per_second > 0", name="tenants_rate_positive"),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    # sha256 of the token; the token itself is shown once and never stored.
+    Column("token_hash", Text, nullable=False, unique=True),
+    Column("prefix", Text, nullable=False),
+    Column("created_at", TZ, nullable=False, server_default=NOW),
+    Column("last_used_at", TZ),
+    Column("revoked_at", TZ),
+)
+
+# One row per conversation with unfinished jobs. Enqueue and promotion both update this
+# row, so they are serialised per conversation by its row lock: the lost-promotion race
+# (a completion looking for the next job while an enqueue is inserting it) cannot happen.
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("queue", Text, nullable=False),
+    Column("conversation", Text, nullable=False),
+    Column("pending", Integer, nullable=False),
+    Column("updated_at", TZ, nullable=False, server_default=NOW),
+    PrimaryKeyConstraint("queue", "conversation", name="conversations_pkey"),
+    CheckConstraint("pending >= 0", name="conversations_pending_nonnegative"),
+)
+
+
+def _message_columns(*, live: bool) -> list[Column[object]]:
+    # `seq` is the enqueue order a conversation is sent in (G1, G5); a retried dead job
+    # gets a new one, so `id` can stay stable.
+    seq_default = text("nextval('pgqueue.job_seq')") if live else None
+    return [
+        Column("seq", BigInteger, nullable=False, server_default=seq_default),
+        Column("queue", Text, nullable=False),
+        Column("tenant_id", Text, nullable=False),
+        Column("conversation", Text, nullable=False),
+        Column("priority", SmallInteger, nullable=False, server_default=text("0")),
+        Column("run_at", TZ, nullable=False, server_default=NOW),
+        Column("to_number", Text, nullable=False),
+        Column("from_number", Text),
+        Column("body", Text),
+        Column("content_sid", Text),
+        Column("content_variables", JSONB),
+        Column("message_type", Text),
+        Column("idempotency_key", Text),
+        Column("attempts", Integer, nullable=False, server_default=text("0")),
+        Column("max_attempts", Integer, nullable=False),
+        Column("last_error_code", Text),
+        Column("last_error_message", Text),
+        Column("provider_sid", Text),
+        Column("provider_status", Text),
+        Column("channel", Text),
+        Column("created_at", TZ, nullable=False, server_default=NOW),
+        Column("started_at", TZ),
+    ]
+
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    *_message_columns(live=True),
+    # Only the first unfinished job of a conversation is its head; only heads are claimed.
+    Column("is_head", Boolean, nullable=False),
+    Column("state", Text, nullable=False, server_default=text("'waiting'")),
+    # The rate-limit slot given at claim: the send must not start before it (G4).
+    Column("start_at", TZ),
+    Column("claim_token", UUID(as_uuid=True)),
+    Column("claimed_by", Text),
+    Column("lease_expires_at", TZ),
+    Column("updated_at", TZ, nullable=False, server_default=NOW),
+    CheckConstraint("state IN ('waiting', 'delayed', 'active')", name="jobs_state_live"),
+    CheckConstraint("priority BETWEEN -100 AND 100", name="jobs_priority_range"),
+    CheckConstraint(
+        "(state = 'active') = (claim_token IS NOT NULL)", name="jobs_active_has_token"
+    ),
+    CheckConstraint("state <> 'active' OR is_head", name="jobs_active_is_head"),
+    CheckConstraint("body IS NOT NULL OR content_sid IS NOT NULL", name="jobs_has_content"),
+    Index(
+        "jobs_candidates",
+        "queue",
+        "tenant_id",
+        text("priority DESC"),
+        "seq",
+        postgresql_where=text("is_head AND state <> 'active'"),
+    ),
+    Index(
+        "jobs_heads_by_run_at",
+        "queue",
+        "run_at",
+        postgresql_where=text("is_head AND state <> 'active'"),
+    ),
+    Index(
+        "jobs_one_head_per_conversation",
+        "queue",
+        "conversation",
+        unique=True,
+        postgresql_where=text("is_head"),
+    ),
+    Index(
+        "jobs_one_active_per_conversation",
+        "queue",
+        "conversation",
+        unique=True,
+        postgresql_where=text("state = 'active'"),
+    ),
+    Index("jobs_conversation_order", "queue", "conversation", "seq"),
+    Index(
+        "jobs_idempotency",
+        "tenant_id",
+        "idempotency_key",
+        unique=True,
+        postgresql_where=text("idempotency_key IS NOT NULL"),
+    ),
+    Index("jobs_active", "queue", postgresql_where=text("state = 'active'")),
+    Index("jobs_tenant_created", "tenant_id", "created_at"),
+)
+
+job_history = Table(
+    "job_history",
+    metadata,
+    Column("id", BigInteger, nullable=False),
+    *_message_columns(live=False),
+    Column("state", Text, nullable=False),
+    Column("finished_at", TZ, nullable=False, server_default=NOW),
+    PrimaryKeyConstraint("id", "finished_at", name="job_history_pkey"),
+    CheckConstraint("state IN ('completed', 'failed')", name="job_history_state_finished"),
+    Index("job_history_id", "id"),
+    Index("job_history_provider_sid", "provider_sid"),
+    Index(
+        "job_history_idempotency",
+        "tenant_id",
+        "idempotency_key",
+        postgresql_where=text("idempotency_key IS NOT NULL"),
+    ),
+    Index("job_history_failed", "queue", "finished_at", postgresql_where=text("state = 'failed'")),
+    Index("job_history_tenant_finished", "tenant_id", "finished_at"),
+    postgresql_partition_by="RANGE (finished_at)",
+)
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("phone_number", Text, nullable=False),
+    Column("reason_code", Text, nullable=False),
+    Column("created_at", TZ, nullable=False, server_default=NOW),
+    PrimaryKeyConstraint("tenant_id", "phone_number", name="suppressions_pkey"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("queue", Text, nullable=False),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("concurrency", Integer, nullable=False),
+    Column("started_at", TZ, nullable=False, server_default=NOW),
+    Column("heartbeat_at", TZ, nullable=False, server_default=NOW),
+)
+
+sandbox_messages = Table(
+    "sandbox_messages",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("tenant_id", Text, nullable=False),
+    Column("job_id", BigInteger),
+    Column("to_number", Text, nullable=False),
+    Column("body", Text),
+    Column("content_sid", Text),
+    Column("sid", Text, nullable=False),
+    Column("created_at", TZ, nullable=False, server_default=NOW),
+)
+
+# Tables Alembic must not compare: the day partitions of job_history are created at run
+# time by pgqueue.ensure_history_partitions().
+RUNTIME_TABLE_PREFIXES = ("job_history_p",)
