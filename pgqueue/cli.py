@@ -1,0 +1,308 @@
+"""The `pgqueue` command. Every failure a user can cause ends in one line and exit code 2;
+an unreachable database in one line and exit code 1; never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+import psycopg
+
+from pgqueue import admin
+from pgqueue.config import Settings
+from pgqueue.db import connect, resolve_database_url
+from pgqueue.errors import PgQueueError
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"pgqueue: {message}\n")
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _int_or_default(text: str) -> int | None:
+    if text in ("default", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'default'") from None
+
+
+def _float_or_none(text: str) -> float | None:
+    if text in ("none", "default"):
+        return None
+    return _nonneg_float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pgqueue", description="PostgreSQL send queue for WhatsApp through Twilio")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("migrate", help="upgrade the database schema to the newest migration")
+
+    serve = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
+    worker = sub.add_parser("worker", help="run a worker that sends queued messages")
+    worker.add_argument("--concurrency", type=int, default=20, help="sends in flight (default 20)")
+    worker.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
+
+    demo = sub.add_parser("demo", help="run the demo on the embedded database")
+    demo.add_argument("--scenario", action="append", default=None)
+    demo.add_argument("--keep-running", action="store_true")
+    demo.add_argument("--duration-scale", type=float, default=1.0, help=argparse.SUPPRESS)
+
+    tenant = sub.add_parser("tenant", help="add, list and change tenants").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    add = tenant.add_parser("add", help="add a tenant with its Twilio credentials")
+    add.add_argument("id")
+    add.add_argument("--account-sid", required=True)
+    add.add_argument("--auth-token", required=True)
+    add.add_argument("--from", dest="whatsapp_from", required=True, help="WhatsApp sender, E.164")
+    add.add_argument("--name")
+    add.add_argument("--max-concurrency", type=int)
+    add.add_argument("--rate", type=_nonneg_float, help="own sends/s limit")
+    lst = tenant.add_parser("list", help="list tenants")
+    lst.add_argument("--json", action="store_true")
+    tset = tenant.add_parser("set", help="change a tenant")
+    tset.add_argument("id")
+    tset.add_argument("--name")
+    tset.add_argument("--account-sid")
+    tset.add_argument("--auth-token")
+    tset.add_argument("--from", dest="whatsapp_from")
+    tset.add_argument("--max-concurrency", type=_int_or_default, default=admin._UNSET,
+                      help="a number, or 'default' for the queue's")
+    tset.add_argument("--rate", type=_float_or_none, default=admin._UNSET,
+                      help="sends/s, or 'none'")
+    tset.add_argument("--fallback-content-sid", default=admin._UNSET,
+                      help="template for messages outside the 24-hour window, or 'none'")
+    tset.add_argument("--fallback-variable", default=admin._UNSET,
+                      help="template variable that gets the text")
+    state = tset.add_mutually_exclusive_group()
+    state.add_argument("--pause", action="store_true")
+    state.add_argument("--resume", action="store_true")
+
+    token = sub.add_parser("token", help="API tokens").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    tc = token.add_parser("create", help="create a token for a tenant (shown once)")
+    tc.add_argument("tenant")
+
+    queue = sub.add_parser("queue", help="queue limits").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    qs = queue.add_parser("show")
+    qs.add_argument("--json", action="store_true")
+    qset = queue.add_parser("set")
+    qset.add_argument("--global-concurrency", type=int)
+    qset.add_argument("--tenant-concurrency", type=int)
+    qset.add_argument("--rate", type=_nonneg_float, help="sends per second for the whole queue")
+    qset.add_argument("--retention-days", type=int)
+
+    emb = sub.add_parser("embedded", help="the embedded PostgreSQL").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    emb.add_parser("stop", help="stop the embedded server of PGQUEUE_HOME")
+
+    return p
+
+
+def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+    Console().print(table)
+
+
+def _json(value: Any) -> None:
+    print(json.dumps(value, default=str, indent=2))
+
+
+async def _with_conn(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
+    url = resolve_database_url(settings)
+    conn = await connect(url, application_name="pgqueue-cli")
+    try:
+        return await fn(conn)
+    finally:
+        await conn.close()
+
+
+async def _tenant(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(conn: Any) -> int:
+        if args.action == "add":
+            row = await admin.add_tenant(
+                conn,
+                tenant_id=args.id,
+                account_sid=args.account_sid,
+                auth_token=args.auth_token,
+                whatsapp_from=args.whatsapp_from,
+                name=args.name,
+                max_concurrency=args.max_concurrency,
+                rate_per_second=args.rate,
+            )
+            print(f"tenant {row['id']} added (sender {row['whatsapp_from']})")
+        elif args.action == "list":
+            rows = await admin.list_tenants(conn)
+            if args.json:
+                _json(rows)
+            else:
+                _print_table(
+                    rows,
+                    ["id", "name", "whatsapp_from", "max_concurrency", "rate_per_second",
+                     "active", "paused", "pause_reason", "completed_total", "failed_total"],
+                    "tenants",
+                )
+        else:
+            fallback = args.fallback_content_sid
+            if fallback in ("none", "default"):
+                fallback = None
+            row = await admin.set_tenant(
+                conn,
+                args.id,
+                name=args.name,
+                account_sid=args.account_sid,
+                auth_token=args.auth_token,
+                whatsapp_from=args.whatsapp_from,
+                max_concurrency=args.max_concurrency,
+                rate_per_second=args.rate,
+                paused=True if args.pause else (False if args.resume else None),
+                fallback_content_sid=fallback,
+                fallback_variable=args.fallback_variable,
+            )
+            state = "paused" if row["paused"] else "active"
+            print(
+                f"tenant {row['id']}: {state}, max concurrency "
+                f"{row['max_concurrency'] or 'queue default'}, rate "
+                f"{row['rate_per_second'] or 'queue only'}"
+            )
+        return 0
+
+    return await _with_conn(settings, run)
+
+
+async def _token(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(conn: Any) -> int:
+        token = await admin.create_token(conn, args.tenant)
+        print(f"API token for tenant {args.tenant} (shown once, stored hashed):")
+        print(token)
+        return 0
+
+    return await _with_conn(settings, run)
+
+
+async def _queue(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(conn: Any) -> int:
+        if args.action == "set":
+            limits = await admin.set_queue(
+                conn,
+                settings.queue_name,
+                global_concurrency=args.global_concurrency,
+                tenant_concurrency=args.tenant_concurrency,
+                rate_per_second=args.rate,
+                retention_days=args.retention_days,
+            )
+        else:
+            limits = await admin.get_queue(conn, settings.queue_name)
+        if getattr(args, "json", False):
+            _json(limits.__dict__)
+        else:
+            print(
+                f"queue {limits.name}: global concurrency {limits.global_concurrency}, "
+                f"tenant concurrency {limits.tenant_concurrency}, rate "
+                f"{limits.rate_per_second:g}/s, retention {limits.retention_days} days, "
+                f"{limits.active} in flight"
+            )
+        return 0
+
+    return await _with_conn(settings, run)
+
+
+def _migrate(settings: Settings) -> int:
+    from pgqueue import migrate
+
+    url = resolve_database_url(settings)
+    before = migrate.current_revision(url)
+    migrate.upgrade(url)
+    after = migrate.current_revision(url)
+    print(f"database at migration {after}" + ("" if before == after else f" (was {before})"))
+    return 0
+
+
+def run(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env(os.environ if environ is None else environ)
+    cmd = args.command
+    if cmd == "migrate":
+        return _migrate(settings)
+    if cmd == "tenant":
+        return asyncio.run(_tenant(args, settings))
+    if cmd == "token":
+        return asyncio.run(_token(args, settings))
+    if cmd == "queue":
+        return asyncio.run(_queue(args, settings))
+    if cmd == "embedded":
+        from pgqueue.db import stop_embedded
+
+        stopped = stop_embedded(settings.home)
+        print("embedded server stopped" if stopped else "no embedded server was running")
+        return 0
+    if cmd == "worker":
+        from pgqueue import worker
+
+        return worker.main_from_cli(settings, concurrency=args.concurrency, reload=args.reload)
+    if cmd == "serve":
+        from pgqueue import api
+
+        return api.serve(settings, host=args.host, port=args.port)
+    if cmd == "demo":
+        from pgqueue import demo
+
+        return demo.main(
+            settings,
+            scenarios=args.scenario,
+            keep_running=args.keep_running,
+            scale=args.duration_scale,
+        )
+    raise PgQueueError(f"unknown command {cmd!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except PgQueueError as e:
+        print(f"pgqueue: {e.message}", file=sys.stderr)
+        code = EXIT_USAGE
+    except psycopg.OperationalError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"pgqueue: cannot reach the database: {first}", file=sys.stderr)
+        code = EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
