@@ -114,6 +114,7 @@ class Outcome:
     # Side effects on the whole queue or tenant, applied with the outcome.
     throttle_s: float | None = None
     pause_tenant: str | None = None
+    suppress: bool = False
 
     def as_row(self, job_id: int, token: uuid.UUID) -> dict[str, Any]:
         return {

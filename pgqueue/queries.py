@@ -7,6 +7,7 @@ only binds parameters and shapes rows.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -66,12 +67,12 @@ async def claim_jobs(
     lease_s: float,
     lookahead_s: float,
 ) -> list[Row]:
-    """Claim heads under the queue lock (one transaction: lock_queue, claim_jobs)."""
-    async with conn.transaction():
+    """Claim heads under the queue lock: lock_queue then claim_jobs in one transaction,
+    sent as one pipeline (one round trip plus the commit)."""
+    async with conn.pipeline(), conn.transaction():
         await conn.execute(sql("lock_queue"), {"queue": queue})
-        return await fetch_all(
-            conn,
-            "claim_jobs",
+        cur = await conn.execute(
+            sql("claim_jobs"),
             {
                 "queue": queue,
                 "worker_id": worker_id,
@@ -80,23 +81,47 @@ async def claim_jobs(
                 "lookahead": lookahead_s,
             },
         )
+    return await cur.fetchall()
 
 
-async def complete_jobs(conn: Conn, *, queue: str, outcomes: list[Row]) -> list[Row]:
+async def complete_jobs(
+    conn: Conn,
+    *,
+    queue: str,
+    outcomes: list[Row],
+    conversations: list[str],
+    pauses: Sequence[tuple[str, str]] = (),
+    suppressions: Sequence[tuple[str, str, str]] = (),
+    throttle_s: float | None = None,
+    notify: bool = True,
+) -> list[Row]:
     """Apply outcomes (dicts with id, token, outcome, delay, code, message, sid, status,
-    channel) and promote the next heads, in one transaction. Returns the jobs that were
-    still ours; the others were rescued meanwhile and are left alone."""
+    channel) in one transaction, sent as one pipeline: side effects first (a paused
+    tenant is paused before its released job is claimable again), then complete_jobs,
+    then promote_heads for the conversations whose head finished.
+
+    `conversations` may name conversations whose job turned out not to be ours any more;
+    promote_heads leaves a conversation that still has its head alone. Returns the jobs
+    that were still ours; the others were rescued meanwhile and are left untouched."""
     if not outcomes:
         return []
 
     def col(key: str) -> list[Any]:
         return [o.get(key) for o in outcomes]
 
-    async with conn.transaction():
+    async with conn.pipeline(), conn.transaction():
         await conn.execute(sql("lock_queue"), {"queue": queue})
-        applied = await fetch_all(
-            conn,
-            "complete_jobs",
+        for tenant_id, reason in pauses:
+            await conn.execute(sql("pause_tenant"), {"tenant_id": tenant_id, "reason": reason})
+        for tenant_id, phone, code in suppressions:
+            await conn.execute(
+                sql("suppress_number"),
+                {"tenant_id": tenant_id, "phone_number": phone, "code": code},
+            )
+        if throttle_s:
+            await conn.execute(sql("throttle_queue"), {"queue": queue, "seconds": throttle_s})
+        cur = await conn.execute(
+            sql("complete_jobs"),
             {
                 "queue": queue,
                 "ids": col("id"),
@@ -110,11 +135,15 @@ async def complete_jobs(conn: Conn, *, queue: str, outcomes: list[Row]) -> list[
                 "channels": col("channel"),
             },
         )
-        finished = sorted(
-            {r["conversation"] for r in applied if r["outcome"] in ("completed", "failed")}
-        )
-        if finished:
+        if conversations:
             await conn.execute(
-                sql("promote_heads"), {"queue": queue, "conversations": finished}
+                sql("promote_heads"), {"queue": queue, "conversations": sorted(conversations)}
             )
-    return applied
+        if notify:
+            await conn.execute(sql("notify_queue"), {"queue": queue})
+    return await cur.fetchall()
+
+
+async def release_locks(conn: Conn, keys: list[int]) -> None:
+    if keys:
+        await conn.execute(sql("release_locks"), {"keys": keys})

@@ -366,7 +366,7 @@ WHERE j.claim_token = ANY(%(tokens)s::uuid[]) AND j.state = 'active';
 -- it. Right after a database restart every lock is gone, so live workers get a grace
 -- (%(grace)s s from the server's start) to reconnect and take theirs back. A job whose
 -- lease ran out is rescued too: its worker lives but is wedged.
-SELECT j.id, j.claim_token, j.attempts, j.max_attempts, j.claimed_by,
+SELECT j.id, j.claim_token, j.attempts, j.max_attempts, j.claimed_by, j.conversation,
        j.lease_expires_at < clock_timestamp() AS lease_expired
 FROM pgqueue.jobs j
 WHERE j.queue = %(queue)s AND j.state = 'active'
@@ -439,14 +439,28 @@ WHERE pending = 0 AND updated_at < now() - interval '10 minutes';
 
 -- name: queue_counts
 -- The old system's metrics for one queue. Live states are counted on the small live
--- table; completed comes from the tenants' counters and failed from a partial index, so
--- the cost does not grow with history.
+-- table; completed comes from the tenants' counters and failed (the dead letters still
+-- kept) from a partial index, so the cost does not grow with history.
 SELECT
   count(*) FILTER (WHERE j.state <> 'active' AND j.run_at <= now()) AS waiting,
   count(*) FILTER (WHERE j.state = 'active') AS active,
-  count(*) FILTER (WHERE j.state <> 'active' AND j.run_at > now()) AS delayed
+  count(*) FILTER (WHERE j.state <> 'active' AND j.run_at > now()) AS delayed,
+  (SELECT coalesce(sum(completed_total), 0) FROM pgqueue.tenants) AS completed,
+  (SELECT count(*) FROM pgqueue.job_history h
+   WHERE h.queue = %(queue)s AND h.state = 'failed') AS failed,
+  (SELECT tenant_concurrency FROM pgqueue.queues WHERE name = %(queue)s)
+      AS max_concurrency_per_tenant
 FROM pgqueue.jobs j
 WHERE j.queue = %(queue)s;
+
+
+-- name: tenant_in_flight
+-- Sends in flight per tenant, with each tenant's limit and pause state.
+SELECT t.id, t.active, coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency,
+       t.paused, t.pause_reason
+FROM pgqueue.tenants t
+JOIN pgqueue.queues q ON q.name = %(queue)s
+ORDER BY t.id;
 
 
 -- name: batch_refusals
@@ -459,3 +473,16 @@ LEFT JOIN pgqueue.suppressions s ON s.tenant_id = i.tenant_id AND s.phone_number
 WHERE t.id IS NULL OR s.reason_code IS NOT NULL
 ORDER BY i.ord
 LIMIT 1;
+
+
+-- name: suppress_number
+-- The provider said this number must not be messaged by this tenant again (unsubscribed,
+-- blocked): later enqueues to it are refused instead of sent.
+INSERT INTO pgqueue.suppressions (tenant_id, phone_number, reason_code)
+VALUES (%(tenant_id)s, %(phone_number)s, %(code)s)
+ON CONFLICT (tenant_id, phone_number) DO NOTHING;
+
+
+-- name: notify_queue
+-- Wakes the queue's workers (slots freed, tenant resumed, job retried by an operator).
+SELECT pg_notify('pgqueue_' || %(queue)s, '');

@@ -1,0 +1,75 @@
+"""What happens to a job after its send: a pure decision, applied elsewhere only if the
+job is still ours and still active (queries.complete_jobs fences on the claim token)."""
+
+from __future__ import annotations
+
+from pgqueue.errors import (
+    PermanentSendError,
+    SendError,
+    TenantSendError,
+    TransientSendError,
+)
+from pgqueue.models import Job, Outcome, SendResult
+
+MAX_ERROR_MESSAGE = 500
+
+
+def backoff_s(attempt: int, base_ms: int) -> float:
+    """Delay before retry after attempt `attempt` (1-based): base, 2×base, 4×base … (G7)."""
+    return base_ms / 1000.0 * (2 ** max(attempt - 1, 0))
+
+
+def _code(error: SendError) -> str:
+    if error.provider_code:
+        return str(error.provider_code)
+    if error.http_status:
+        return f"http-{error.http_status}"
+    return type(error).__name__
+
+
+def decide(job: Job, result: SendResult | BaseException, *, backoff_ms: int) -> Outcome:
+    """Done, Retry(at), Dead, or Release, from the send's result.
+
+    * success → completed, with the provider's SID;
+    * permanent failure → failed at once (the dead letter), with the provider's code;
+    * transient failure → retry after backoff (at least the provider's Retry-After)
+      while attempts remain, else failed; a 429 also throttles the whole queue;
+    * tenant-level failure (bad credentials) → released without spending the attempt,
+      and the tenant is paused, so none of its jobs burns retries meanwhile;
+    * anything else the provider raised is a bug or an unknown condition: retried like
+      a transient failure, so a message is never dropped on an unexpected exception.
+    """
+    if isinstance(result, SendResult):
+        return Outcome(
+            "completed", sid=result.sid, status=result.status, channel=result.channel
+        )
+    message = str(result)[:MAX_ERROR_MESSAGE] or type(result).__name__
+    if isinstance(result, TenantSendError):
+        return Outcome(
+            "release",
+            code=_code(result),
+            message=message,
+            pause_tenant=job.tenant_id,
+        )
+    if isinstance(result, PermanentSendError):
+        return Outcome(
+            "failed",
+            code=_code(result),
+            message=message,
+            suppress=result.suppress,
+        )
+    if isinstance(result, TransientSendError):
+        code = _code(result)
+        retry_after = result.retry_after
+        throttle = retry_after if result.throttle and retry_after else None
+    else:
+        code = "internal-error"
+        retry_after = None
+        throttle = None
+        message = f"{type(result).__name__}: {message}"
+    if job.attempts >= job.max_attempts:
+        return Outcome("failed", code=code, message=f"retries exhausted: {message}")
+    delay = backoff_s(job.attempts, backoff_ms)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return Outcome("retry", delay=delay, code=code, message=message, throttle_s=throttle)

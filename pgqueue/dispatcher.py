@@ -1,0 +1,392 @@
+"""The dispatcher: wake, claim only what local slots allow, send, complete.
+
+One dispatcher per worker process. It owns the process's *lock connection*: claims run
+there, so the conversation advisory locks they take (G1, G9) belong to this process's
+session and vanish with it. Completions run there too, batched: every outcome that
+arrived while the previous batch was being written goes into the next transaction.
+
+A lost lock connection (network blip, database restart) does not lose anything: sends
+in flight keep going, their outcomes wait in memory, and once reconnected the dispatcher
+takes its locks back and writes them. Rescuers give a restarted server a grace period
+(queries.sql: find_orphans) so that this happens before anyone re-sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from pgqueue import queries
+from pgqueue.completion import decide
+from pgqueue.db import connect
+from pgqueue.logs import job_event
+from pgqueue.models import Job, Outcome
+from pgqueue.providers import Provider
+
+log = logging.getLogger("pgqueue.dispatcher")
+
+RECONNECT_MAX_S = 1.0
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    queue: str = "whatsapp-send"
+    concurrency: int = 20
+    batch_size: int = 10
+    lease_s: float = 60.0
+    # How far ahead of its start a rate slot may be handed out (see claim_jobs).
+    lookahead_s: float = 0.25
+    poll_interval_s: float = 1.0
+    send_timeout_s: float = 30.0
+    backoff_ms: int = 2000
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    )
+
+    @property
+    def application_name(self) -> str:
+        return f"pgqueue-worker:{self.worker_id}"
+
+
+@dataclass
+class _InFlight:
+    job: Job
+    task: asyncio.Task[None] | None = None
+    outcome: Outcome | None = None
+
+
+@dataclass
+class DispatcherStats:
+    claimed: int = 0
+    completed: int = 0
+    retried: int = 0
+    failed: int = 0
+    released: int = 0
+    fenced: int = 0
+    reconnects: int = 0
+
+
+class Dispatcher:
+    def __init__(self, url: str, provider: Provider, config: DispatcherConfig) -> None:
+        self.url = url
+        self.provider = provider
+        self.config = config
+        self.stats = DispatcherStats()
+        self._conn: queries.Conn | None = None
+        self._conn_lock = asyncio.Lock()
+        self._in_flight: dict[int, _InFlight] = {}
+        self._done: list[_InFlight] = []
+        self._wake = asyncio.Event()
+        self._done_event = asyncio.Event()
+        self._claiming = True
+        self._completer: asyncio.Task[None] | None = None
+        self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
+
+    # -- the lock connection -------------------------------------------------------------
+
+    async def _connection(self) -> queries.Conn:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        delay = 0.05
+        while True:
+            try:
+                self._conn = await connect(
+                    self.url, application_name=self.config.application_name
+                )
+                break
+            except psycopg.OperationalError as e:
+                log.warning("lock connection: cannot connect (%s); retrying", _first_line(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+        self.stats.reconnects += 1
+        if self._in_flight:
+            await self._retake_locks(self._conn)
+        for hook in self._on_reconnect:
+            await hook()
+        return self._conn
+
+    async def _retake_locks(self, conn: queries.Conn) -> None:
+        tokens = [f.job.claim_token for f in self._in_flight.values()]
+        rows = await queries.fetch_all(conn, "retake_locks", {"tokens": tokens})
+        lost = len(tokens) - sum(1 for r in rows if r["locked"])
+        log.warning(
+            "lock connection re-established: %d conversation locks taken back, %d lost",
+            len(tokens) - lost,
+            lost,
+        )
+
+    def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run `hook` after the lock connection was replaced (session locks are gone)."""
+        self._on_reconnect.append(hook)
+
+    async def with_connection(self, fn: Callable[[queries.Conn], Awaitable[Any]]) -> Any:
+        """Run `fn` on the lock connection (serialised with claims and completions),
+        reconnecting and retrying while the database is unreachable."""
+        while True:
+            async with self._conn_lock:
+                conn = await self._connection()
+                try:
+                    return await fn(conn)
+                except psycopg.OperationalError as e:
+                    log.warning("lock connection lost: %s", _first_line(e))
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                    self._conn = None
+            await asyncio.sleep(0.05)
+
+    # -- claiming ------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def claim_tokens(self) -> list[uuid.UUID]:
+        return [f.job.claim_token for f in self._in_flight.values()]
+
+    async def claim_once(self) -> list[Job]:
+        """Claim as many jobs as free local slots allow (at most one batch) and start them."""
+        free = self.config.concurrency - len(self._in_flight)
+        if free <= 0 or not self._claiming:
+            return []
+        want = min(free, self.config.batch_size)
+
+        async def claim(conn: queries.Conn) -> list[queries.Row]:
+            return await queries.claim_jobs(
+                conn,
+                queue=self.config.queue,
+                worker_id=self.config.worker_id,
+                max_jobs=want,
+                lease_s=self.config.lease_s,
+                lookahead_s=self.config.lookahead_s,
+            )
+
+        rows: list[queries.Row] = await self.with_connection(claim)
+        jobs = [Job.from_row(r) for r in rows]
+        for job in jobs:
+            entry = _InFlight(job)
+            self._in_flight[job.id] = entry
+            entry.task = asyncio.create_task(self._send(entry), name=f"send-{job.id}")
+        self.stats.claimed += len(jobs)
+        return jobs
+
+    async def _hints(self) -> float:
+        """Seconds until something could be claimable without a notification."""
+
+        async def hints(conn: queries.Conn) -> queries.Row | None:
+            return await queries.fetch_one(conn, "claim_hints", {"queue": self.config.queue})
+
+        row = await self.with_connection(hints)
+        wait = self.config.poll_interval_s
+        if row is not None:
+            for key in ("rate_wait", "due_wait"):
+                value = row[key]
+                if value is not None and value > 0:
+                    wait = min(wait, value)
+        return max(wait, 0.001)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and send until `stop` is set; then stop claiming and return. The caller
+        drains with `drain()`."""
+        self._completer = asyncio.create_task(self._complete_loop(), name="completer")
+        while not stop.is_set():
+            self._wake.clear()
+            wait = self.config.poll_interval_s
+            if self.config.concurrency - len(self._in_flight) > 0:
+                want = min(self.config.concurrency - len(self._in_flight), self.config.batch_size)
+                jobs = await self.claim_once()
+                if len(jobs) == want:
+                    continue  # there may be more right now
+                wait = await self._hints()
+            stop_wait = asyncio.ensure_future(stop.wait())
+            wake_wait = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait(
+                {stop_wait, wake_wait}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+            )
+            stop_wait.cancel()
+            wake_wait.cancel()
+
+    async def drain(self, timeout: float) -> int:
+        """Stop claiming; let sends in flight finish (at most `timeout` seconds) and write
+        their outcomes. Sends still running after that are cancelled and their jobs
+        released (not counted as an attempt), so nothing is lost. Returns how many were
+        cut short."""
+        self._claiming = False
+        tasks = [f.task for f in self._in_flight.values() if f.task is not None]
+        cut = 0
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            cut = len(pending)
+            if pending:
+                await asyncio.wait(pending)
+        while self._in_flight:
+            self._done_event.set()
+            await asyncio.sleep(0.01)
+        if self._completer is not None:
+            self._completer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._completer
+        return cut
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def _send(self, entry: _InFlight) -> None:
+        job = entry.job
+        try:
+            if not job.locked:
+                # Another session still holds this conversation (a wedged worker whose
+                # lease ran out): sending now could overlap its send. Give the job back.
+                entry.outcome = Outcome("release", code="conversation-busy")
+                return
+            delay = job.start_at.timestamp() - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            job_event(
+                "processing",
+                f"processing job {job.id}",
+                job_id=job.id,
+                tenant=job.tenant_id,
+                attempt=job.attempts,
+                preview=job.preview,
+            )
+            result: Any
+            try:
+                result = await asyncio.wait_for(
+                    self.provider.send(job), timeout=self.config.send_timeout_s
+                )
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # every failure becomes an outcome, never a loss
+                result = e
+            entry.outcome = decide(job, result, backoff_ms=self.config.backoff_ms)
+        except asyncio.CancelledError:
+            # Cut short by a drain: the job goes back unspent; the provider may or may
+            # not have taken it (at-least-once).
+            entry.outcome = Outcome("release", code="worker-shutdown")
+        finally:
+            if entry.outcome is None:
+                entry.outcome = Outcome("release", code="internal-error")
+            self._done.append(entry)
+            self._done_event.set()
+
+    # -- completing ----------------------------------------------------------------------
+
+    async def _complete_loop(self) -> None:
+        while True:
+            await self._done_event.wait()
+            self._done_event.clear()
+            while self._done:
+                batch, self._done = self._done, []
+                await self._apply(batch)
+
+    async def _apply(self, batch: list[_InFlight]) -> None:
+        outcomes: list[queries.Row] = []
+        conversations: set[str] = set()
+        pauses: list[tuple[str, str]] = []
+        suppressions: list[tuple[str, str, str]] = []
+        throttle = 0.0
+        for entry in batch:
+            job, outcome = entry.job, entry.outcome
+            if outcome is None:
+                continue
+            outcomes.append(outcome.as_row(job.id, job.claim_token))
+            if outcome.kind in ("completed", "failed"):
+                conversations.add(job.conversation)
+            if outcome.pause_tenant:
+                pauses.append((outcome.pause_tenant, f"{outcome.code}: {outcome.message}"))
+            if outcome.suppress and outcome.code:
+                suppressions.append((job.tenant_id, job.to_number, outcome.code))
+            if outcome.throttle_s:
+                throttle = max(throttle, outcome.throttle_s)
+
+        async def write(conn: queries.Conn) -> list[queries.Row]:
+            applied = await queries.complete_jobs(
+                conn,
+                queue=self.config.queue,
+                outcomes=outcomes,
+                conversations=sorted(conversations),
+                pauses=pauses,
+                suppressions=suppressions,
+                throttle_s=throttle or None,
+            )
+            await queries.release_locks(
+                conn, [e.job.lock_key for e in batch if e.job.locked]
+            )
+            return applied
+
+        applied = await self.with_connection(write)
+        mine = {r["id"] for r in applied}
+        for entry in batch:
+            self._in_flight.pop(entry.job.id, None)
+            self._log_outcome(entry, entry.job.id in mine)
+        self._wake.set()
+
+    def _log_outcome(self, entry: _InFlight, applied: bool) -> None:
+        job, outcome = entry.job, entry.outcome
+        if outcome is None:
+            return
+        if not applied:
+            self.stats.fenced += 1
+            log.warning(
+                "job %s was rescued while its send ran; its %s outcome was not written",
+                job.id,
+                outcome.kind,
+            )
+            return
+        common: dict[str, Any] = {"job_id": job.id, "tenant": job.tenant_id}
+        if outcome.kind == "completed":
+            self.stats.completed += 1
+            job_event(
+                "completed",
+                f"job {job.id} completed",
+                sid=outcome.sid,
+                channel=outcome.channel,
+                **common,
+            )
+        elif outcome.kind == "retry":
+            self.stats.retried += 1
+            job_event(
+                "retry",
+                f"job {job.id} retry scheduled in {outcome.delay:.1f}s",
+                attempt=job.attempts,
+                delay_s=round(outcome.delay, 3),
+                code=outcome.code,
+                **common,
+            )
+        elif outcome.kind == "failed":
+            self.stats.failed += 1
+            job_event(
+                "failed",
+                f"job {job.id} failed",
+                code=outcome.code,
+                error=outcome.message,
+                attempts=job.attempts,
+                **common,
+            )
+        else:
+            self.stats.released += 1
+            job_event("released", f"job {job.id} released", code=outcome.code, **common)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,210 @@
+"""Background services of a worker process; each has `run_once()` returning what it did,
+so tests call it instead of sleeping.
+
+* Rescuer: orphaned and stalled jobs back to their conversation (G9). Any worker may
+  run it; the fencing in complete_jobs makes concurrent rescuers harmless, and running
+  it everywhere means a dead leader does not delay a rescue.
+* Maintenance (under a leader lock, one per cluster): history partitions, retention,
+  forgetting dead workers and idle conversation rows, the metrics log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from pgqueue import queries
+from pgqueue.dispatcher import Dispatcher
+
+log = logging.getLogger("pgqueue.maintenance")
+metrics_log = logging.getLogger("pgqueue.metrics")
+
+# A constant advisory key (bigint space) for the maintenance leader.
+LEADER_KEY = 0x70677175_65756501
+
+
+@dataclass(frozen=True)
+class RescueReport:
+    rescued: int
+    dead: int
+
+
+class Rescuer:
+    """Finds active jobs whose worker is gone (or whose lease ran out) and puts them back."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        *,
+        queue: str,
+        grace_s: float = 10.0,
+        interval_s: float = 0.25,
+    ) -> None:
+        self.pool = pool
+        self.queue = queue
+        self.grace_s = grace_s
+        self.interval_s = interval_s
+
+    async def run_once(self) -> RescueReport:
+        async with self.pool.connection() as conn:
+            orphans = await queries.fetch_all(
+                conn, "find_orphans", {"queue": self.queue, "grace": self.grace_s}
+            )
+            if not orphans:
+                return RescueReport(0, 0)
+            outcomes = []
+            dead = 0
+            for o in orphans:
+                reason = "lease-expired" if o["lease_expired"] else "worker-lost"
+                message = f"worker {o['claimed_by']} stopped before finishing the send"
+                if o["attempts"] >= o["max_attempts"]:
+                    dead += 1
+                    outcomes.append(
+                        {"id": o["id"], "token": o["claim_token"], "outcome": "failed",
+                         "code": reason, "message": f"retries exhausted: {message}"}
+                    )
+                else:
+                    # The send may have reached the provider: retry at once rather than
+                    # after a backoff, since nothing says the provider is struggling.
+                    outcomes.append(
+                        {"id": o["id"], "token": o["claim_token"], "outcome": "retry",
+                         "delay": 0.0, "code": reason, "message": message}
+                    )
+            applied = await queries.complete_jobs(
+                conn,
+                queue=self.queue,
+                outcomes=outcomes,
+                conversations=[
+                    o["conversation"] for o in orphans if o["attempts"] >= o["max_attempts"]
+                ],
+            )
+        if applied:
+            log.warning(
+                "rescued %d job(s) from lost or stalled workers: %s",
+                len(applied),
+                ", ".join(str(r["id"]) for r in applied),
+            )
+        return RescueReport(len(applied), sum(1 for r in applied if r["outcome"] == "failed"))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.run_once()
+            except Exception as e:  # the database may be restarting; try again next tick
+                log.debug("rescue skipped: %s", e)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
+            except TimeoutError:
+                pass
+
+
+@dataclass(frozen=True)
+class MaintenanceReport:
+    leader: bool
+    partitions_created: int = 0
+    partitions_dropped: int = 0
+    workers_forgotten: int = 0
+    conversations_forgotten: int = 0
+    metrics: dict[str, Any] | None = None
+
+
+class Maintenance:
+    """Cluster-wide chores, done by whichever worker holds the leader lock."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        dispatcher: Dispatcher,
+        *,
+        queue: str,
+        interval_s: float = 30.0,
+    ) -> None:
+        self.pool = pool
+        self.dispatcher = dispatcher
+        self.queue = queue
+        self.interval_s = interval_s
+        self._leader = False
+        dispatcher.on_reconnect(self._lost_leadership)
+
+    async def _lost_leadership(self) -> None:
+        self._leader = False
+
+    async def _try_lead(self) -> bool:
+        if self._leader:
+            return True
+
+        async def take(conn: queries.Conn) -> bool:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (LEADER_KEY,))
+            row = await cur.fetchone()
+            return bool(row and row["ok"])
+
+        self._leader = bool(await self.dispatcher.with_connection(take))
+        if self._leader:
+            log.info("this worker leads maintenance")
+        return self._leader
+
+    async def run_once(self) -> MaintenanceReport:
+        if not await self._try_lead():
+            return MaintenanceReport(leader=False)
+        async with self.pool.connection() as conn:
+            created = await _scalar(conn, "SELECT pgqueue.ensure_history_partitions(3)")
+            dropped = await _scalar(
+                conn,
+                "SELECT pgqueue.drop_history_partitions(now() - make_interval(days => "
+                "(SELECT retention_days FROM pgqueue.queues WHERE name = %s)))",
+                (self.queue,),
+            )
+            workers = await queries.execute(conn, "forget_dead_workers", {"grace": 60})
+            conversations = await queries.execute(conn, "forget_idle_conversations", {})
+            from pgqueue.metrics import queue_metrics
+
+            metrics = await queue_metrics(conn, self.queue)
+        metrics_log.info(
+            "queue %s: waiting=%d active=%d completed=%d failed=%d delayed=%d tenants=%d %s",
+            self.queue,
+            metrics["waiting"],
+            metrics["active"],
+            metrics["completed"],
+            metrics["failed"],
+            metrics["delayed"],
+            len(metrics["tenantConcurrency"]),
+            " ".join(f"{t}={n}" for t, n in sorted(metrics["tenantConcurrency"].items())),
+            extra={"fields": {k: v for k, v in metrics.items()}},
+        )
+        return MaintenanceReport(
+            leader=True,
+            partitions_created=created,
+            partitions_dropped=dropped,
+            workers_forgotten=workers,
+            conversations_forgotten=conversations,
+            metrics=metrics,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        next_run = time.monotonic()
+        while not stop.is_set():
+            if time.monotonic() >= next_run:
+                try:
+                    await self.run_once()
+                except Exception as e:
+                    log.warning("maintenance skipped: %s", e)
+                next_run = time.monotonic() + self.interval_s
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=min(self.interval_s, 5.0))
+            except TimeoutError:
+                pass
+
+
+async def _scalar(conn: queries.Conn, query: str, params: tuple[Any, ...] = ()) -> int:
+    cur = await conn.execute(query, params)
+    row = await cur.fetchone()
+    if row is None:
+        return 0
+    value = next(iter(row.values()))
+    return int(value or 0)
+

@@ -1,0 +1,225 @@
+"""A worker process: the composition root. `python -m pgqueue.worker` or `pgqueue worker`.
+
+Wires the dispatcher (claims and sends), the LISTEN connection that wakes it, the
+rescuer, the leader-only maintenance and the heartbeat. SIGTERM or SIGINT: stop
+claiming, let sends in flight finish (bounded), write their outcomes, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from pgqueue import queries
+from pgqueue.config import Settings
+from pgqueue.db import connect, make_pool, resolve_database_url
+from pgqueue.dispatcher import Dispatcher, DispatcherConfig
+from pgqueue.errors import PgQueueError
+from pgqueue.logs import setup_logging
+from pgqueue.maintenance import Maintenance, Rescuer
+from pgqueue.providers import Provider
+
+log = logging.getLogger("pgqueue.worker")
+
+ProviderFactory = Callable[[Settings, AsyncConnectionPool[Any]], Provider]
+DRAIN_TIMEOUT_S = 30.0
+HEARTBEAT_S = 10.0
+
+
+def default_provider(settings: Settings, pool: AsyncConnectionPool[Any]) -> Provider:
+    if settings.provider == "sandbox":
+        from pgqueue.providers.sandbox import SandboxProvider
+
+        return SandboxProvider(pool)
+    from pgqueue.providers.twilio import TwilioProvider
+
+    return TwilioProvider(settings)
+
+
+async def listen(url: str, channel: str, on_notify: Callable[[], None], stop: asyncio.Event,
+                 application_name: str) -> None:
+    """LISTEN on the queue's channel and call `on_notify` for each notification;
+    reconnects by itself. Polling in the dispatcher covers the gaps."""
+    while not stop.is_set():
+        try:
+            conn = await connect(url, application_name=application_name)
+            try:
+                await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+                on_notify()  # anything sent while we were away
+                while not stop.is_set():
+                    async for _ in conn.notifies(timeout=1.0):
+                        on_notify()
+            finally:
+                await conn.close()
+        except psycopg.OperationalError as e:
+            log.debug("listen connection lost: %s", e)
+            await asyncio.sleep(0.2)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        url: str,
+        *,
+        concurrency: int = 20,
+        provider_factory: ProviderFactory = default_provider,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        rescue_grace_s: float = 10.0,
+        maintenance_interval_s: float = 30.0,
+        config: DispatcherConfig | None = None,
+    ) -> None:
+        self.settings = settings
+        self.url = url
+        self.config = config or DispatcherConfig(
+            queue=settings.queue_name,
+            concurrency=concurrency,
+            backoff_ms=settings.backoff_delay_ms,
+            send_timeout_s=settings.send_timeout_s + 5.0,
+        )
+        self.provider_factory = provider_factory
+        self.drain_timeout_s = drain_timeout_s
+        self.rescue_grace_s = rescue_grace_s
+        self.maintenance_interval_s = maintenance_interval_s
+        self.stop = asyncio.Event()
+
+    async def run(self) -> int:
+        cfg = self.config
+        pool = make_pool(self.url, min_size=1, max_size=3, application_name=cfg.application_name)
+        await pool.open(wait=True, timeout=30)
+        provider = self.provider_factory(self.settings, pool)
+        dispatcher = Dispatcher(self.url, provider, cfg)
+        async with pool.connection() as conn:
+            await queries.ensure_queue(conn, cfg.queue)
+            await queries.execute(
+                conn,
+                "register_worker",
+                {
+                    "id": cfg.worker_id,
+                    "queue": cfg.queue,
+                    "hostname": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "concurrency": cfg.concurrency,
+                },
+            )
+        log.info(
+            "worker %s started: queue %s, concurrency %d", cfg.worker_id, cfg.queue,
+            cfg.concurrency,
+        )
+        rescuer = Rescuer(pool, queue=cfg.queue, grace_s=self.rescue_grace_s)
+        maintenance = Maintenance(
+            pool, dispatcher, queue=cfg.queue, interval_s=self.maintenance_interval_s
+        )
+        background = [
+            asyncio.create_task(
+                listen(self.url, f"pgqueue_{cfg.queue}", dispatcher.wake, self.stop,
+                       cfg.application_name)
+            ),
+            asyncio.create_task(rescuer.run(self.stop)),
+            asyncio.create_task(maintenance.run(self.stop)),
+            asyncio.create_task(self._heartbeat(pool, dispatcher)),
+        ]
+        try:
+            await dispatcher.run(self.stop)
+        finally:
+            cut = await dispatcher.drain(self.drain_timeout_s)
+            if cut:
+                log.warning("%d send(s) did not finish in time and were released", cut)
+            self.stop.set()
+            for t in background:
+                t.cancel()
+            for t in background:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            with contextlib.suppress(Exception):
+                async with pool.connection() as conn:
+                    await queries.execute(conn, "unregister_worker", {"id": cfg.worker_id})
+            await dispatcher.close()
+            await provider.aclose()
+            await pool.close()
+            log.info(
+                "worker %s stopped: %d completed, %d retried, %d failed",
+                cfg.worker_id,
+                dispatcher.stats.completed,
+                dispatcher.stats.retried,
+                dispatcher.stats.failed,
+            )
+        return 0
+
+    async def _heartbeat(self, pool: AsyncConnectionPool[Any], dispatcher: Dispatcher) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), timeout=HEARTBEAT_S)
+            try:
+                async with pool.connection() as conn:
+                    tokens = dispatcher.claim_tokens()
+                    if tokens:
+                        await queries.execute(
+                            conn,
+                            "extend_leases",
+                            {"tokens": tokens, "lease": self.config.lease_s},
+                        )
+                    await queries.execute(
+                        conn, "heartbeat_worker", {"id": self.config.worker_id}
+                    )
+            except Exception as e:  # the database may be restarting
+                log.debug("heartbeat skipped: %s", e)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _main(settings: Settings, concurrency: int) -> int:
+    url = resolve_database_url(settings)
+    worker = Worker(settings, url, concurrency=concurrency)
+    install_signal_handlers(worker.stop)
+    return await worker.run()
+
+
+def main_from_cli(settings: Settings, *, concurrency: int = 20, reload: bool = False) -> int:
+    if concurrency < 1 or concurrency > 1000:
+        raise PgQueueError("--concurrency must be from 1 to 1000")
+    if reload:
+        try:
+            from watchfiles import run_process
+        except ImportError:
+            raise PgQueueError("--reload needs watchfiles: pip install watchfiles") from None
+        package = Path(__file__).resolve().parent
+        run_process(
+            package,
+            target=f"{sys.executable} -m pgqueue.worker --concurrency {concurrency}",
+            target_type="command",
+        )
+        return 0
+    setup_logging(settings.log_format)
+    return asyncio.run(_main(settings, concurrency))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pgqueue.worker")
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--reload", action="store_true")
+    args = parser.parse_args(argv)
+    from pgqueue.cli import main as cli_main
+
+    cli_main(["worker", "--concurrency", str(args.concurrency)] + (["--reload"] if args.reload else []))
+
+
+if __name__ == "__main__":
+    main()
