@@ -89,8 +89,9 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         queue_name = env.get("WHATSAPP_SEND_QUEUE_NAME", "").strip() or "whatsapp-send"
-        if len(queue_name) > 100:
-            raise ConfigError("WHATSAPP_SEND_QUEUE_NAME must be at most 100 characters")
+        # The queue's NOTIFY channel is `pgqueue_<name>`, and channel names stop at 63 bytes.
+        if len(queue_name.encode()) > 50:
+            raise ConfigError("WHATSAPP_SEND_QUEUE_NAME must be at most 50 bytes")
         twilio = _url(env, "TWILIO_API_BASE_URL", ("http", "https")) or "https://api.twilio.com"
         admin_token = env.get("PGQUEUE_ADMIN_TOKEN", "").strip() or None
         if admin_token is not None and len(admin_token) < 16:
