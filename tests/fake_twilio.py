@@ -36,7 +36,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from email.utils import formatdate
 from pathlib import Path
 from typing import IO, Any
@@ -141,7 +141,7 @@ class FakeTwilio:
         self.keep_records = keep_records
         self.record_path = Path(record_path) if record_path else None
 
-        self._rng = random.Random(seed)  # noqa: S311 - fault injection, not security
+        self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._rules: list[_Rule] = []
         self._reset_counters()

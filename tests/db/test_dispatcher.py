@@ -33,3 +33,186 @@ async def test_all_jobs_are_sent_once_in_conversation_order(db_url: str, conn: A
     assert (await cur.fetchone())["n"] == 60
     cur = await conn.execute("SELECT sum(active) AS a FROM pgqueue.tenants")
     assert (await cur.fetchone())["a"] == 0
+
+
+async def q(conn: Any, query: str, *params: Any) -> list[dict[str, Any]]:
+    cur = await conn.execute(query, params)
+    return await cur.fetchall()
+
+
+async def counters_match(conn: Any) -> None:
+    """The counters equal what they count (G2, G3 cannot drift)."""
+    rows = await q(
+        conn,
+        "SELECT t.id, t.active, (SELECT count(*) FROM pgqueue.jobs j WHERE j.tenant_id = t.id "
+        "AND j.state = 'active') AS real FROM pgqueue.tenants t",
+    )
+    assert all(r["active"] == r["real"] for r in rows), rows
+    g = await q(
+        conn,
+        "SELECT q.active, (SELECT count(*) FROM pgqueue.jobs WHERE state = 'active') AS real "
+        "FROM pgqueue.queues q WHERE name = 'whatsapp-send'",
+    )
+    assert g[0]["active"] == g[0]["real"]
+
+
+async def test_retry_blocks_its_conversation_only(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 1)
+    msgs = [
+        Message(tenant_id="t0", phone_number=phone(1), text="a0 [transient:2]"),
+        Message(tenant_id="t0", phone_number=phone(1), text="a1"),
+        Message(tenant_id="t0", phone_number=phone(2), text="b0"),
+        Message(tenant_id="t0", phone_number=phone(2), text="b1"),
+    ]
+    await send_many(conn, msgs)
+    record = tmp_path / "r.jsonl"
+    async with running_worker(db_url, record):
+        await wait_until_drained(conn, 20)
+    sends = read_sends(record)
+    a = [s for s in sends if s.conv.endswith(phone(1))]
+    assert [(s.body.split()[0], s.outcome) for s in a] == [
+        ("a0", "transient"), ("a0", "transient"), ("a0", "ok"), ("a1", "ok")
+    ]
+    # Backoff 200 ms, then 400 ms (G7), and a1 only after a0 finally went through (G1).
+    assert a[1].start - a[0].end >= 0.19
+    assert a[2].start - a[1].end >= 0.39
+    assert a[3].start >= a[2].end
+    b = [s for s in sends if s.conv.endswith(phone(2))]
+    assert b[-1].end < a[1].start  # conversation b was not held up by a's retries
+    hist = await q(conn, "SELECT body, attempts, state FROM pgqueue.job_history ORDER BY seq")
+    assert hist[0]["attempts"] == 3 and hist[0]["state"] == "completed"
+    await counters_match(conn)
+
+
+async def test_dead_letter_does_not_block_and_keeps_the_code(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 1)
+    await send_many(conn, [
+        Message(tenant_id="t0", phone_number=phone(1), text="x [permanent]"),
+        Message(tenant_id="t0", phone_number=phone(1), text="after dead"),
+        Message(tenant_id="t0", phone_number=phone(3), text="y [transient:9]"),
+        Message(tenant_id="t0", phone_number=phone(3), text="after exhausted"),
+    ])
+    record = tmp_path / "r.jsonl"
+    async with running_worker(db_url, record):
+        await wait_until_drained(conn, 20)
+    hist = {r["body"]: r for r in await q(conn, "SELECT * FROM pgqueue.job_history")}
+    assert hist["x [permanent]"]["state"] == "failed"
+    assert hist["x [permanent]"]["last_error_code"] == "21211"
+    assert hist["x [permanent]"]["attempts"] == 1
+    assert hist["y [transient:9]"]["state"] == "failed"
+    assert hist["y [transient:9]"]["attempts"] == 4  # first try + QUEUE_RETRY_ATTEMPTS (3)
+    assert hist["y [transient:9]"]["last_error_code"] == "sandbox-503"
+    assert hist["after dead"]["state"] == "completed"
+    assert hist["after exhausted"]["state"] == "completed"
+    t = await q(conn, "SELECT completed_total, failed_total FROM pgqueue.tenants")
+    assert (t[0]["completed_total"], t[0]["failed_total"]) == (2, 2)
+
+
+async def test_tenant_limit_holds_and_is_reached(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 1, prefix="big")
+    await add_tenants(conn, 1, prefix="small", max_concurrency=2)
+    # Lift the rate so that pacing does not keep the limit from being reached.
+    await conn.execute("UPDATE pgqueue.queues SET rate_per_second = 10000")
+    await send_many(conn, [Message(tenant_id="big0", phone_number=phone(i), text=f"{i}") for i in range(40)]
+                    + [Message(tenant_id="small0", phone_number=phone(i), text=f"{i}") for i in range(20)])
+    record = tmp_path / "r.jsonl"
+    async with running_worker(db_url, record, latency=(0.03, 0.05)):
+        await wait_until_drained(conn, 30)
+    sends = read_sends(record)
+    per_tenant = {t: max_overlap([s for s in sends if s.tenant == t]) for t in ("big0", "small0")}
+    assert per_tenant == {"big0": 5, "small0": 2}
+    await counters_match(conn)
+
+
+async def test_global_limit_holds_and_is_reached(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 6)
+    await conn.execute("UPDATE pgqueue.queues SET global_concurrency = 7, rate_per_second = 10000")
+    await send_many(conn, [Message(tenant_id=f"t{i % 6}", phone_number=phone(i), text="x") for i in range(90)])
+    record = tmp_path / "r.jsonl"
+    async with running_worker(db_url, record, latency=(0.02, 0.04)):
+        await wait_until_drained(conn, 30)
+    assert max_overlap(read_sends(record)) == 7
+
+
+async def test_priority_first_fifo_within(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 1)
+    await send_many(conn, [Message(tenant_id="t0", phone_number=phone(i), text=f"low{i}", priority=-5) for i in range(5)]
+                    + [Message(tenant_id="t0", phone_number=phone(10 + i), text=f"mid{i}") for i in range(5)]
+                    + [Message(tenant_id="t0", phone_number=phone(20 + i), text=f"high{i}", priority=50) for i in range(5)]
+                    # G1 beats priority: the urgent one waits behind its conversation's head.
+                    + [Message(tenant_id="t0", phone_number=phone(0), text="urgent-behind-low0", priority=99)])
+    record = tmp_path / "r.jsonl"
+    async with running_worker(db_url, record, concurrency=1):
+        await wait_until_drained(conn, 20)
+    order = [s.body for s in read_sends(record)]
+    assert order[:5] == [f"high{i}" for i in range(5)]
+    assert order[5:10] == [f"mid{i}" for i in range(5)]
+    assert order.index("urgent-behind-low0") > order.index("low0")
+
+
+async def test_fairness_a_big_backlog_does_not_delay_others(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 4)
+    await send_many(conn, [Message(tenant_id="t0", phone_number=phone(i), text=f"big{i}") for i in range(300)])
+    await send_many(conn, [Message(tenant_id=f"t{k}", phone_number=phone(k), text=f"small{k}") for k in (1, 2, 3)])
+    record = tmp_path / "r.jsonl"
+    async with running_worker(db_url, record, latency=(0.01, 0.02)):
+        await wait_until_drained(conn, 60)
+    order = [s.body for s in read_sends(record)]
+    # With t0 held to 5 in flight, the others go in the first dispatch round.
+    assert max(order.index(f"small{k}") for k in (1, 2, 3)) < 10
+
+
+async def test_rate_limit_window(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 10)
+    await conn.execute("UPDATE pgqueue.queues SET rate_per_second = 40")
+    await send_many(conn, [Message(tenant_id=f"t{i % 10}", phone_number=phone(i), text="x") for i in range(120)])
+    record = tmp_path / "r.jsonl"
+    async with running_worker(db_url, record):
+        await wait_until_drained(conn, 30)
+    sends = read_sends(record)
+    from tests.recording import max_starts_per_window
+
+    assert max_starts_per_window(sends) <= 40
+    span = sends[-1].start - sends[0].start
+    assert 119 / span >= 0.95 * 40  # paced, not starved
+
+
+async def test_throttle_pauses_the_whole_queue(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 2)
+    await send_many(conn, [Message(tenant_id="t0", phone_number=phone(1), text="[throttle:1.0]")])
+    record = tmp_path / "r.jsonl"
+    async with running_worker(db_url, record) as w:
+        import asyncio
+
+        await asyncio.sleep(0.3)
+        await send_many(conn, [Message(tenant_id="t1", phone_number=phone(i), text="other") for i in range(3)])
+        await wait_until_drained(conn, 20)
+        assert w is not None
+    sends = read_sends(record)
+    throttled = next(s for s in sends if s.outcome == "throttle")
+    others = [s for s in sends if s.body == "other"]
+    assert min(s.start for s in others) >= throttled.end + 0.9
+
+
+async def test_tenant_error_pauses_tenant_without_burning_retries(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 2)
+    await send_many(conn, [
+        Message(tenant_id="t0", phone_number=phone(1), text="[tenant]"),
+        Message(tenant_id="t0", phone_number=phone(2), text="t0 other"),
+        Message(tenant_id="t1", phone_number=phone(1), text="t1 fine"),
+    ])
+    record = tmp_path / "r.jsonl"
+    async with running_worker(db_url, record):
+        import asyncio
+
+        for _ in range(100):
+            t = await q(conn, "SELECT paused FROM pgqueue.tenants WHERE id = 't0'")
+            done = await q(conn, "SELECT count(*) AS n FROM pgqueue.job_history WHERE tenant_id = 't1'")
+            if t[0]["paused"] and done[0]["n"] == 1:
+                break
+            await asyncio.sleep(0.05)
+    tenant = (await q(conn, "SELECT paused, pause_reason FROM pgqueue.tenants WHERE id = 't0'"))[0]
+    assert tenant["paused"] and "20003" in tenant["pause_reason"]
+    job = (await q(conn, "SELECT attempts, state FROM pgqueue.jobs WHERE body = '[tenant]'"))[0]
+    assert job["attempts"] == 0 and job["state"] == "waiting"
+    await counters_match(conn)
