@@ -80,6 +80,7 @@ class Send:
     end: float
     outcome: str
     body: str | None
+    pid: int = 0
 
 
 def read_sends(path: Path) -> list[Send]:
@@ -94,9 +95,9 @@ def read_sends(path: Path) -> list[Send]:
             starts[key] = r
         else:
             s = starts.pop(key)
-            sends.append(Send(r["job"], r["tenant"], r["conv"], r["attempt"], s["t"], r["t"], r["outcome"], r["body"]))
+            sends.append(Send(r["job"], r["tenant"], r["conv"], r["attempt"], s["t"], r["t"], r["outcome"], r["body"], r["pid"]))
     for s in starts.values():  # started, never ended (the worker died mid-send)
-        sends.append(Send(s["job"], s["tenant"], s["conv"], s["attempt"], s["t"], float("inf"), "cut", s["body"]))
+        sends.append(Send(s["job"], s["tenant"], s["conv"], s["attempt"], s["t"], float("inf"), "cut", s["body"], s["pid"]))
     return sorted(sends, key=lambda s: s.start)
 
 
