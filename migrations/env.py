@@ -14,7 +14,9 @@ from pgqueue.schema import RUNTIME_TABLE_PREFIXES, SCHEMA, metadata
 config = context.config
 
 
-def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
     if type_ == "table" and name and name.startswith(RUNTIME_TABLE_PREFIXES):
         return False
     return not (type_ == "table" and name == "alembic_version")

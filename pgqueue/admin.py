@@ -19,7 +19,7 @@ from pgqueue.errors import NotFoundError, ValidationError
 _TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
 _CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
-TOKEN_PREFIX = "pgq_"
+TOKEN_PREFIX = "pgq_"  # noqa: S105 - a marker, not a secret
 
 # Tenant columns that are safe to show; the auth token is never read back out.
 TENANT_PUBLIC = (

@@ -88,14 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     tset.add_argument("--account-sid")
     tset.add_argument("--auth-token")
     tset.add_argument("--from", dest="whatsapp_from")
-    tset.add_argument("--max-concurrency", type=_int_or_default, default=admin._UNSET,
-                      help="a number, or 'default' for the queue's")
-    tset.add_argument("--rate", type=_float_or_none, default=admin._UNSET,
-                      help="sends/s, or 'none'")
-    tset.add_argument("--fallback-content-sid", default=admin._UNSET,
-                      help="template for messages outside the 24-hour window, or 'none'")
-    tset.add_argument("--fallback-variable", default=admin._UNSET,
-                      help="template variable that gets the text")
+    tset.add_argument(
+        "--max-concurrency",
+        type=_int_or_default,
+        default=admin._UNSET,
+        help="a number, or 'default' for the queue's",
+    )
+    tset.add_argument(
+        "--rate", type=_float_or_none, default=admin._UNSET, help="sends/s, or 'none'"
+    )
+    tset.add_argument(
+        "--fallback-content-sid",
+        default=admin._UNSET,
+        help="template for messages outside the 24-hour window, or 'none'",
+    )
+    tset.add_argument(
+        "--fallback-variable", default=admin._UNSET, help="template variable that gets the text"
+    )
     state = tset.add_mutually_exclusive_group()
     state.add_argument("--pause", action="store_true")
     state.add_argument("--resume", action="store_true")
@@ -171,8 +180,18 @@ async def _tenant(args: argparse.Namespace, settings: Settings) -> int:
             else:
                 _print_table(
                     rows,
-                    ["id", "name", "whatsapp_from", "max_concurrency", "rate_per_second",
-                     "active", "paused", "pause_reason", "completed_total", "failed_total"],
+                    [
+                        "id",
+                        "name",
+                        "whatsapp_from",
+                        "max_concurrency",
+                        "rate_per_second",
+                        "active",
+                        "paused",
+                        "pause_reason",
+                        "completed_total",
+                        "failed_total",
+                    ],
                     "tenants",
                 )
         else:

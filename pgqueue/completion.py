@@ -15,8 +15,8 @@ MAX_ERROR_MESSAGE = 500
 
 
 def backoff_s(attempt: int, base_ms: int) -> float:
-    """Delay before retry after attempt `attempt` (1-based): base, 2×base, 4×base … (G7)."""
-    return base_ms / 1000.0 * (2 ** max(attempt - 1, 0))
+    """Delay before retry after attempt `attempt` (1-based): base, 2 x base, 4 x base … (G7)."""
+    return float(base_ms / 1000.0 * 2 ** max(attempt - 1, 0))
 
 
 def _code(error: SendError) -> str:
@@ -40,9 +40,7 @@ def decide(job: Job, result: SendResult | BaseException, *, backoff_ms: int) -> 
       a transient failure, so a message is never dropped on an unexpected exception.
     """
     if isinstance(result, SendResult):
-        return Outcome(
-            "completed", sid=result.sid, status=result.status, channel=result.channel
-        )
+        return Outcome("completed", sid=result.sid, status=result.status, channel=result.channel)
     message = str(result)[:MAX_ERROR_MESSAGE] or type(result).__name__
     if isinstance(result, TenantSendError):
         return Outcome(

@@ -113,14 +113,8 @@ class Settings:
             home=Path(env.get("PGQUEUE_HOME", "").strip() or ".pgqueue"),
             log_format=log_format,  # type: ignore[arg-type]
             public_base_url=_url(env, "PGQUEUE_PUBLIC_URL", ("http", "https")),
-            send_timeout_s=float(
-                _int(env, "PGQUEUE_SEND_TIMEOUT", 15, minimum=1, maximum=300)
-            ),
+            send_timeout_s=float(_int(env, "PGQUEUE_SEND_TIMEOUT", 15, minimum=1, maximum=300)),
         )
-
-    def backoff_s(self, attempt: int) -> float:
-        """Delay before retry number `attempt` (1-based): base, 2×base, 4×base, …"""
-        return self.backoff_delay_ms / 1000.0 * (2 ** max(attempt - 1, 0))
 
     @property
     def max_attempts(self) -> int:

@@ -69,9 +69,7 @@ def stop_embedded(home: Path) -> bool:
 
 def with_dbname(url: str, dbname: str) -> str:
     """Same server, another database (works for socket URLs too)."""
-    params = psycopg.conninfo.conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return psycopg.conninfo.make_conninfo(**{k: v for k, v in params.items() if v is not None})
+    return psycopg.conninfo.make_conninfo(url, dbname=dbname)
 
 
 def resolve_database_url(

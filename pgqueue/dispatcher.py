@@ -100,9 +100,7 @@ class Dispatcher:
         delay = 0.05
         while True:
             try:
-                self._conn = await connect(
-                    self.url, application_name=self.config.application_name
-                )
+                self._conn = await connect(self.url, application_name=self.config.application_name)
                 break
             except psycopg.OperationalError as e:
                 log.warning("lock connection: cannot connect (%s); retrying", _first_line(e))
@@ -328,9 +326,7 @@ class Dispatcher:
                 suppressions=suppressions,
                 throttle_s=throttle or None,
             )
-            await queries.release_locks(
-                conn, [e.job.lock_key for e in batch if e.job.locked]
-            )
+            await queries.release_locks(conn, [e.job.lock_key for e in batch if e.job.locked])
             return applied
 
         applied = await self.with_connection(write)

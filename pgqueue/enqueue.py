@@ -106,9 +106,7 @@ def validate(message: Message, *, now: datetime | None = None) -> _Row:
         )
     if message.text is not None:
         if not isinstance(message.text, str) or not message.text.strip():
-            raise ValidationError(
-                "text must not be empty", code="invalid_text", field="text"
-            )
+            raise ValidationError("text must not be empty", code="invalid_text", field="text")
         if len(message.text) > MAX_TEXT:
             raise ValidationError(
                 f"text is {len(message.text)} characters; WhatsApp allows at most {MAX_TEXT}",
@@ -123,9 +121,7 @@ def validate(message: Message, *, now: datetime | None = None) -> _Row:
                 field="contentVariables",
             )
     elif message.content_sid is not None:
-        if not isinstance(message.content_sid, str) or not _CONTENT_SID.match(
-            message.content_sid
-        ):
+        if not isinstance(message.content_sid, str) or not _CONTENT_SID.match(message.content_sid):
             raise ValidationError(
                 "contentSid must be a Twilio Content SID: HX followed by 32 hex digits",
                 code="invalid_content_sid",
@@ -188,7 +184,7 @@ def _variables(value: object) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ValidationError(
-            "contentVariables must be an object such as {\"1\": \"Ana\"}",
+            'contentVariables must be an object such as {"1": "Ana"}',
             code="invalid_content_variables",
             field="contentVariables",
         )
@@ -213,8 +209,7 @@ def _send_at(value: object, now: datetime) -> datetime | None:
         return None
     if not isinstance(value, datetime) or value.tzinfo is None:
         raise ValidationError(
-            "sendAt must be a date and time with a time zone (ISO 8601, e.g. "
-            "2026-01-31T18:00:00Z)",
+            "sendAt must be a date and time with a time zone (ISO 8601, e.g. 2026-01-31T18:00:00Z)",
             code="invalid_send_at",
             field="sendAt",
         )
@@ -236,7 +231,9 @@ def _params(row: _Row, *, queue: str, max_attempts: int) -> dict[str, Any]:
         "from_number": row.from_number,
         "body": row.body,
         "content_sid": row.content_sid,
-        "content_variables": None if row.content_variables is None else Jsonb(row.content_variables),
+        "content_variables": None
+        if row.content_variables is None
+        else Jsonb(row.content_variables),
         "message_type": row.message_type,
         "idempotency_key": row.idempotency_key,
         "max_attempts": max_attempts,
@@ -373,7 +370,9 @@ async def _insert_batch(
         if r.idempotency_key is None:
             continue
         existing = await queries.fetch_one(
-            conn, "find_idempotent", {"tenant_id": r.tenant_id, "idempotency_key": r.idempotency_key}
+            conn,
+            "find_idempotent",
+            {"tenant_id": r.tenant_id, "idempotency_key": r.idempotency_key},
         )
         if existing is not None:
             results[i] = _enqueued(existing, duplicate=True)
@@ -392,7 +391,10 @@ async def _insert_batch(
         refused = await queries.fetch_one(
             conn,
             "batch_refusals",
-            {"tenant_ids": [r.tenant_id for r in batch], "to_numbers": [r.to_number for r in batch]},
+            {
+                "tenant_ids": [r.tenant_id for r in batch],
+                "to_numbers": [r.to_number for r in batch],
+            },
         )
         if refused is not None:
             index = to_insert[int(refused["index"])]
@@ -419,8 +421,8 @@ async def _insert_batch(
                 "idempotency_keys": [r.idempotency_key for r in batch],
             },
         )
-        for i, r in zip(to_insert, inserted, strict=True):
-            results[i] = _enqueued(r)
+        for i, inserted_row in zip(to_insert, inserted, strict=True):
+            results[i] = _enqueued(inserted_row)
     out: list[Enqueued] = []
     for i, r in enumerate(rows):
         result = results[i]

@@ -11,6 +11,7 @@ so tests call it instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -65,15 +66,26 @@ class Rescuer:
                 if o["attempts"] >= o["max_attempts"]:
                     dead += 1
                     outcomes.append(
-                        {"id": o["id"], "token": o["claim_token"], "outcome": "failed",
-                         "code": reason, "message": f"retries exhausted: {message}"}
+                        {
+                            "id": o["id"],
+                            "token": o["claim_token"],
+                            "outcome": "failed",
+                            "code": reason,
+                            "message": f"retries exhausted: {message}",
+                        }
                     )
                 else:
                     # The send may have reached the provider: retry at once rather than
                     # after a backoff, since nothing says the provider is struggling.
                     outcomes.append(
-                        {"id": o["id"], "token": o["claim_token"], "outcome": "retry",
-                         "delay": 0.0, "code": reason, "message": message}
+                        {
+                            "id": o["id"],
+                            "token": o["claim_token"],
+                            "outcome": "retry",
+                            "delay": 0.0,
+                            "code": reason,
+                            "message": message,
+                        }
                     )
             applied = await queries.complete_jobs(
                 conn,
@@ -97,10 +109,8 @@ class Rescuer:
                 await self.run_once()
             except Exception as e:  # the database may be restarting; try again next tick
                 log.debug("rescue skipped: %s", e)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.interval_s)
-            except TimeoutError:
-                pass
 
 
 @dataclass(frozen=True)
@@ -194,10 +204,8 @@ class Maintenance:
                 except Exception as e:
                     log.warning("maintenance skipped: %s", e)
                 next_run = time.monotonic() + self.interval_s
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=min(self.interval_s, 5.0))
-            except TimeoutError:
-                pass
 
 
 async def _scalar(conn: queries.Conn, query: str, params: tuple[Any, ...] = ()) -> int:
@@ -207,4 +215,3 @@ async def _scalar(conn: queries.Conn, query: str, params: tuple[Any, ...] = ()) 
         return 0
     value = next(iter(row.values()))
     return int(value or 0)
-

@@ -19,7 +19,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 def alembic_config(database_url: str) -> Config:
     if not (MIGRATIONS_DIR / "env.py").exists():
-        raise ConfigError(f"migrations not found at {MIGRATIONS_DIR}: install pgqueue from its source tree")
+        raise ConfigError(
+            f"migrations not found at {MIGRATIONS_DIR}: install pgqueue from its source tree"
+        )
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.attributes["database_url"] = database_url

@@ -486,3 +486,80 @@ ON CONFLICT (tenant_id, phone_number) DO NOTHING;
 -- name: notify_queue
 -- Wakes the queue's workers (slots freed, tenant resumed, job retried by an operator).
 SELECT pg_notify('pgqueue_' || %(queue)s, '');
+
+
+-- name: get_job
+-- One job, live or finished, in the old system's state words (tenant-scoped when given).
+SELECT * FROM pgqueue.jobs_overview
+WHERE id = %(id)s AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+LIMIT 1;
+
+
+-- name: list_jobs
+-- Newest first; every filter optional. Live jobs come from the small live table, the
+-- finished ones from history (bounded by the limit).
+SELECT * FROM pgqueue.jobs_overview
+WHERE (%(state)s::text IS NULL OR state = %(state)s)
+  AND (%(tenant_id)s::text IS NULL OR tenant_id = %(tenant_id)s)
+  AND (%(conversation)s::text IS NULL OR conversation = %(conversation)s)
+  AND queue = %(queue)s
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s;
+
+
+-- name: retry_failed
+-- Dead letters back to the queue: each goes to the tail of its conversation (a new seq,
+-- like a new message) with its attempts reset; it is head only if the conversation has
+-- nothing else pending. Conversation rows are taken in key order, so concurrent retries
+-- and enqueues cannot deadlock.
+WITH dead AS (
+    DELETE FROM pgqueue.job_history h
+    WHERE h.state = 'failed' AND h.queue = %(queue)s
+      AND (%(ids)s::bigint[] IS NULL OR h.id = ANY(%(ids)s::bigint[]))
+      AND (%(tenant_id)s::text IS NULL OR h.tenant_id = %(tenant_id)s)
+    RETURNING h.*
+), counts AS (
+    SELECT conversation, count(*)::int AS n FROM dead GROUP BY conversation
+), conv AS (
+    INSERT INTO pgqueue.conversations AS c (queue, conversation, pending)
+    SELECT %(queue)s, conversation, n FROM counts ORDER BY conversation
+    ON CONFLICT (queue, conversation)
+    DO UPDATE SET pending = c.pending + excluded.pending, updated_at = now()
+    RETURNING conversation, pending
+), numbered AS (
+    SELECT dead.*, conv.pending - counts.n
+               + row_number() OVER (PARTITION BY dead.conversation ORDER BY dead.seq) AS position
+    FROM dead JOIN counts USING (conversation) JOIN conv USING (conversation)
+), revived AS (
+    INSERT INTO pgqueue.jobs (
+        id, queue, tenant_id, conversation, is_head, state, priority, run_at, to_number,
+        from_number, body, content_sid, content_variables, message_type, idempotency_key,
+        attempts, max_attempts, last_error_code, last_error_message, created_at)
+    SELECT id, queue, tenant_id, conversation, position = 1, 'waiting', priority, now(),
+           to_number, from_number, body, content_sid, content_variables, message_type,
+           idempotency_key, 0, max_attempts, last_error_code, last_error_message, created_at
+    FROM numbered
+    ORDER BY seq
+    RETURNING id, tenant_id
+), failed_counts AS (
+    UPDATE pgqueue.tenants t SET failed_total = greatest(t.failed_total - x.n, 0)
+    FROM (SELECT tenant_id, count(*)::int AS n FROM revived GROUP BY tenant_id) x
+    WHERE t.id = x.tenant_id
+)
+SELECT id, pg_notify('pgqueue_' || %(queue)s, '') AS notified FROM revived;
+
+
+-- name: clean_failed
+-- Deletes dead letters (optionally only older ones, or one tenant's).
+WITH gone AS (
+    DELETE FROM pgqueue.job_history h
+    WHERE h.state = 'failed' AND h.queue = %(queue)s
+      AND (%(older_than)s::timestamptz IS NULL OR h.finished_at < %(older_than)s)
+      AND (%(tenant_id)s::text IS NULL OR h.tenant_id = %(tenant_id)s)
+    RETURNING h.tenant_id
+), failed_counts AS (
+    UPDATE pgqueue.tenants t SET failed_total = greatest(t.failed_total - x.n, 0)
+    FROM (SELECT tenant_id, count(*)::int AS n FROM gone GROUP BY tenant_id) x
+    WHERE t.id = x.tenant_id
+)
+SELECT count(*) AS deleted FROM gone;

@@ -173,9 +173,7 @@ jobs = Table(
     Column("updated_at", TZ, nullable=False, server_default=NOW),
     CheckConstraint("state IN ('waiting', 'delayed', 'active')", name="jobs_state_live"),
     CheckConstraint("priority BETWEEN -100 AND 100", name="jobs_priority_range"),
-    CheckConstraint(
-        "(state = 'active') = (claim_token IS NOT NULL)", name="jobs_active_has_token"
-    ),
+    CheckConstraint("(state = 'active') = (claim_token IS NOT NULL)", name="jobs_active_has_token"),
     CheckConstraint("state <> 'active' OR is_head", name="jobs_active_is_head"),
     CheckConstraint("body IS NOT NULL OR content_sid IS NOT NULL", name="jobs_has_content"),
     Index(

@@ -47,15 +47,22 @@ def default_provider(settings: Settings, pool: AsyncConnectionPool[Any]) -> Prov
     return TwilioProvider(settings)
 
 
-async def listen(url: str, channel: str, on_notify: Callable[[], None], stop: asyncio.Event,
-                 application_name: str) -> None:
+async def listen(
+    url: str,
+    channel: str,
+    on_notify: Callable[[], None],
+    stop: asyncio.Event,
+    application_name: str,
+) -> None:
     """LISTEN on the queue's channel and call `on_notify` for each notification;
     reconnects by itself. Polling in the dispatcher covers the gaps."""
     while not stop.is_set():
         try:
             conn = await connect(url, application_name=application_name)
             try:
-                await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+                await conn.execute(
+                    psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel))
+                )
                 on_notify()  # anything sent while we were away
                 while not stop.is_set():
                     async for _ in conn.notifies(timeout=1.0):
@@ -114,7 +121,9 @@ class Worker:
                 },
             )
         log.info(
-            "worker %s started: queue %s, concurrency %d", cfg.worker_id, cfg.queue,
+            "worker %s started: queue %s, concurrency %d",
+            cfg.worker_id,
+            cfg.queue,
             cfg.concurrency,
         )
         rescuer = Rescuer(pool, queue=cfg.queue, grace_s=self.rescue_grace_s)
@@ -123,8 +132,13 @@ class Worker:
         )
         background = [
             asyncio.create_task(
-                listen(self.url, f"pgqueue_{cfg.queue}", dispatcher.wake, self.stop,
-                       cfg.application_name)
+                listen(
+                    self.url,
+                    f"pgqueue_{cfg.queue}",
+                    dispatcher.wake,
+                    self.stop,
+                    cfg.application_name,
+                )
             ),
             asyncio.create_task(rescuer.run(self.stop)),
             asyncio.create_task(maintenance.run(self.stop)),
@@ -170,9 +184,7 @@ class Worker:
                             "extend_leases",
                             {"tokens": tokens, "lease": self.config.lease_s},
                         )
-                    await queries.execute(
-                        conn, "heartbeat_worker", {"id": self.config.worker_id}
-                    )
+                    await queries.execute(conn, "heartbeat_worker", {"id": self.config.worker_id})
             except Exception as e:  # the database may be restarting
                 log.debug("heartbeat skipped: %s", e)
 
@@ -218,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from pgqueue.cli import main as cli_main
 
-    cli_main(["worker", "--concurrency", str(args.concurrency)] + (["--reload"] if args.reload else []))
+    cli_main(
+        ["worker", "--concurrency", str(args.concurrency)] + (["--reload"] if args.reload else [])
+    )
 
 
 if __name__ == "__main__":

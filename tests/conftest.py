@@ -66,7 +66,9 @@ def pg_server() -> Iterator[NoopExecutor]:
         server.cleanup()
 
 
-def _migrate_template(host: str, port: int, user: str, dbname: str, password: str | None, **_: Any) -> None:
+def _migrate_template(
+    host: str, port: int, user: str, dbname: str, password: str | None, **_: Any
+) -> None:
     migrate.upgrade(_url(host, port, user, dbname, password))
 
 

@@ -30,15 +30,21 @@ async def add_tenants(conn: Any, n: int, *, prefix: str = "t", **kw: Any) -> lis
     for i in range(n):
         tid = f"{prefix}{i}"
         await admin.add_tenant(
-            conn, tenant_id=tid, account_sid=ACCOUNT, auth_token="secret-token-" + tid,
-            whatsapp_from="+14155550100", **kw,
+            conn,
+            tenant_id=tid,
+            account_sid=ACCOUNT,
+            auth_token="secret-token-" + tid,
+            whatsapp_from="+14155550100",
+            **kw,
         )
         ids.append(tid)
     return ids
 
 
 async def send(conn: Any, tenant: str, to: int, text: str = "hello", **kw: Any) -> Enqueued:
-    return await enqueue_whatsapp_send(conn, Message(tenant_id=tenant, phone_number=phone(to), text=text, **kw))
+    return await enqueue_whatsapp_send(
+        conn, Message(tenant_id=tenant, phone_number=phone(to), text=text, **kw)
+    )
 
 
 async def send_many(conn: Any, messages: list[Message]) -> list[Enqueued]:
@@ -48,10 +54,14 @@ async def send_many(conn: Any, messages: list[Message]) -> list[Enqueued]:
     return out
 
 
-async def wait_until_drained(conn: Any, timeout: float = 60.0, queue: str = "whatsapp-send") -> None:
+async def wait_until_drained(
+    conn: Any, timeout: float = 60.0, queue: str = "whatsapp-send"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        cur = await conn.execute("SELECT count(*) AS n FROM pgqueue.jobs WHERE queue = %s", (queue,))
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM pgqueue.jobs WHERE queue = %s", (queue,)
+        )
         row = await cur.fetchone()
         if row["n"] == 0:
             return
@@ -61,14 +71,22 @@ async def wait_until_drained(conn: Any, timeout: float = 60.0, queue: str = "wha
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    url: str, record: Path, *, concurrency: int = 20, latency: tuple[float, float] = (0.0, 0.0),
-    settings: Settings | None = None, **config: Any,
+    url: str,
+    record: Path,
+    *,
+    concurrency: int = 20,
+    latency: tuple[float, float] = (0.0, 0.0),
+    settings: Settings | None = None,
+    **config: Any,
 ) -> AsyncIterator[Worker]:
     settings = settings or Settings(backoff_delay_ms=200)
-    cfg = DispatcherConfig(concurrency=concurrency, backoff_ms=settings.backoff_delay_ms,
-                           poll_interval_s=0.2, **config)
+    cfg = DispatcherConfig(
+        concurrency=concurrency, backoff_ms=settings.backoff_delay_ms, poll_interval_s=0.2, **config
+    )
     worker = Worker(
-        settings, url, config=cfg,
+        settings,
+        url,
+        config=cfg,
         provider_factory=lambda s, p: RecordingProvider(record, latency=latency),
         drain_timeout_s=10,
     )

@@ -27,7 +27,9 @@ _THROTTLE = re.compile(r"\[throttle:([\d.]+)\]")
 
 
 class RecordingProvider:
-    def __init__(self, path: Path, *, latency: tuple[float, float] = (0.0, 0.0), seed: int | None = None) -> None:
+    def __init__(
+        self, path: Path, *, latency: tuple[float, float] = (0.0, 0.0), seed: int | None = None
+    ) -> None:
         self.path = path
         self.latency = latency
         self.rng = random.Random(seed)
@@ -38,8 +40,14 @@ class RecordingProvider:
 
     async def send(self, job: Job) -> SendResult:
         start = time.time()
-        base = {"job": job.id, "tenant": job.tenant_id, "conv": job.conversation,
-                "attempt": job.attempts, "pid": os.getpid(), "body": job.body}
+        base = {
+            "job": job.id,
+            "tenant": job.tenant_id,
+            "conv": job.conversation,
+            "attempt": job.attempts,
+            "pid": os.getpid(),
+            "body": job.body,
+        }
         self._write({**base, "ev": "start", "t": start})
         outcome = "ok"
         try:
@@ -50,15 +58,24 @@ class RecordingProvider:
             m = _TRANSIENT.search(body)
             if m and job.attempts <= int(m.group(1)):
                 outcome = "transient"
-                raise TransientSendError("service unavailable", provider_code="sandbox-503", http_status=503)
+                raise TransientSendError(
+                    "service unavailable", provider_code="sandbox-503", http_status=503
+                )
             m = _THROTTLE.search(body)
             if m and job.attempts == 1:
                 outcome = "throttle"
-                raise TransientSendError("too many requests", provider_code="20429", http_status=429,
-                                         retry_after=float(m.group(1)), throttle=True)
+                raise TransientSendError(
+                    "too many requests",
+                    provider_code="20429",
+                    http_status=429,
+                    retry_after=float(m.group(1)),
+                    throttle=True,
+                )
             if "[permanent]" in body:
                 outcome = "permanent"
-                raise PermanentSendError("invalid To number", provider_code="21211", http_status=400)
+                raise PermanentSendError(
+                    "invalid To number", provider_code="21211", http_status=400
+                )
             if "[tenant]" in body:
                 outcome = "tenant"
                 raise TenantSendError("authenticate", provider_code="20003", http_status=401)
@@ -95,9 +112,33 @@ def read_sends(path: Path) -> list[Send]:
             starts[key] = r
         else:
             s = starts.pop(key)
-            sends.append(Send(r["job"], r["tenant"], r["conv"], r["attempt"], s["t"], r["t"], r["outcome"], r["body"], r["pid"]))
+            sends.append(
+                Send(
+                    r["job"],
+                    r["tenant"],
+                    r["conv"],
+                    r["attempt"],
+                    s["t"],
+                    r["t"],
+                    r["outcome"],
+                    r["body"],
+                    r["pid"],
+                )
+            )
     for s in starts.values():  # started, never ended (the worker died mid-send)
-        sends.append(Send(s["job"], s["tenant"], s["conv"], s["attempt"], s["t"], float("inf"), "cut", s["body"], s["pid"]))
+        sends.append(
+            Send(
+                s["job"],
+                s["tenant"],
+                s["conv"],
+                s["attempt"],
+                s["t"],
+                float("inf"),
+                "cut",
+                s["body"],
+                s["pid"],
+            )
+        )
     return sorted(sends, key=lambda s: s.start)
 
 

@@ -29,10 +29,17 @@ async def main() -> int:
     args = p.parse_args()
     setup_logging("plain")
     settings = Settings(backoff_delay_ms=args.backoff_ms)
-    cfg = DispatcherConfig(concurrency=args.concurrency, backoff_ms=args.backoff_ms, poll_interval_s=0.5)
+    cfg = DispatcherConfig(
+        concurrency=args.concurrency, backoff_ms=args.backoff_ms, poll_interval_s=0.5
+    )
     worker = Worker(
-        settings, args.url, config=cfg, rescue_grace_s=args.grace,
-        provider_factory=lambda s, pool: RecordingProvider(args.record, latency=tuple(args.latency), seed=args.seed),
+        settings,
+        args.url,
+        config=cfg,
+        rescue_grace_s=args.grace,
+        provider_factory=lambda s, pool: RecordingProvider(
+            args.record, latency=tuple(args.latency), seed=args.seed
+        ),
     )
     install_signal_handlers(worker.stop)
     return await worker.run()

@@ -18,9 +18,7 @@ depends_on = None
 def upgrade() -> None:
     # A default partition so that no finished job is ever refused (G8) even if
     # maintenance has not created the day's partition yet.
-    op.execute(
-        "CREATE TABLE pgqueue.job_history_pdefault PARTITION OF pgqueue.job_history DEFAULT"
-    )
+    op.execute("CREATE TABLE pgqueue.job_history_pdefault PARTITION OF pgqueue.job_history DEFAULT")
     op.execute(
         """
         CREATE FUNCTION pgqueue.ensure_history_partitions(days_ahead integer DEFAULT 3)

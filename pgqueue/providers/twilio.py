@@ -14,6 +14,7 @@ value is the one of this very request even with many sends in flight).
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import email.utils
 import json
@@ -79,9 +80,10 @@ _response_headers: contextvars.ContextVar[Mapping[str, str] | None] = contextvar
 class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
     """The SDK's aiohttp client, pointed at one base URL and with a real timeout.
 
-    The stock client passes `timeout=None` through to aiohttp, which means no timeout at
-    all, and it leaves a response unreleased if reading its body fails; both matter for a
-    worker that must not hang on a send.
+    The stock client passes the SDK's `timeout=None` straight to aiohttp, where an explicit
+    None means no timeout at all (its own `timeout` attribute is never read), and it reads
+    responses outside a context manager, so a failed body read can leave a connection
+    unreleased. A worker must neither hang on a send nor leak connections.
     """
 
     def __init__(self, base_url: str, timeout_s: float) -> None:
@@ -115,6 +117,12 @@ class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
         allow_redirects: bool = False,
     ) -> Response:
         target = self.route(url)
+        headers = dict(headers or {})
+        if auth is not None:
+            # aiohttp 3.14 deprecates BasicAuth objects (a warning is an error in our
+            # tests) and older versions lack encode_basic_auth; the header is simple.
+            pair = f"{auth[0]}:{auth[1]}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
         started = time.monotonic()
         async with self.session.request(
             method.upper(),
@@ -122,7 +130,6 @@ class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
             params=params,
             data=data,
             headers=headers,
-            auth=aiohttp.BasicAuth(auth[0], auth[1]) if auth else None,
             timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
             allow_redirects=allow_redirects,
         ) as response:

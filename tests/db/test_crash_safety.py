@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -26,8 +25,9 @@ async def q(conn: Any, query: str, *params: Any) -> list[dict[str, Any]]:
 
 async def claim_as(url: str, worker_id: str, n: int = 5) -> tuple[Any, list[dict[str, Any]]]:
     conn = await connect(url, application_name=f"pgqueue-worker:{worker_id}")
-    rows = await queries.claim_jobs(conn, queue="whatsapp-send", worker_id=worker_id,
-                                    max_jobs=n, lease_s=60, lookahead_s=5)
+    rows = await queries.claim_jobs(
+        conn, queue="whatsapp-send", worker_id=worker_id, max_jobs=n, lease_s=60, lookahead_s=5
+    )
     return conn, rows
 
 
@@ -45,8 +45,19 @@ async def test_job_of_a_dead_worker_is_rescued_at_once(db_url: str, conn: Any, p
     await asyncio.sleep(0.1)
     report = await rescuer.run_once()
     assert report.rescued == 1
-    job = (await q(conn, "SELECT state, is_head, attempts, last_error_code, claim_token FROM pgqueue.jobs WHERE body = 'first'"))[0]
-    assert (job["state"], job["is_head"], job["attempts"], job["last_error_code"]) == ("waiting", True, 1, "worker-lost")
+    job = (
+        await q(
+            conn,
+            "SELECT state, is_head, attempts, last_error_code, claim_token "
+            "FROM pgqueue.jobs WHERE body = 'first'",
+        )
+    )[0]
+    assert (job["state"], job["is_head"], job["attempts"], job["last_error_code"]) == (
+        "waiting",
+        True,
+        1,
+        "worker-lost",
+    )
     assert job["claim_token"] is None
     t = await q(conn, "SELECT active FROM pgqueue.tenants")
     g = await q(conn, "SELECT active FROM pgqueue.queues")
@@ -78,8 +89,16 @@ async def test_late_completion_after_rescue_is_fenced(db_url: str, conn: Any, po
     # The wedged worker still holds the conversation lock: the new claim must not send.
     assert rows2 and not rows2[0]["locked"]
     applied = await queries.complete_jobs(
-        late, queue="whatsapp-send",
-        outcomes=[{"id": rows[0]["id"], "token": rows[0]["claim_token"], "outcome": "completed", "sid": "SMlate"}],
+        late,
+        queue="whatsapp-send",
+        outcomes=[
+            {
+                "id": rows[0]["id"],
+                "token": rows[0]["claim_token"],
+                "outcome": "completed",
+                "sid": "SMlate",
+            }
+        ],
         conversations=[rows[0]["conversation"]],
     )
     assert applied == []  # the old token no longer owns the job
@@ -93,12 +112,25 @@ async def test_late_completion_after_rescue_is_fenced(db_url: str, conn: Any, po
 
 def start_worker(url: str, record: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.worker_harness", "--url", url, "--record", str(record), *extra],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "tests.worker_harness",
+            "--url",
+            url,
+            "--record",
+            str(record),
+            *extra,
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
-async def test_sigkill_mid_send_frees_everything_within_a_second(db_url: str, conn: Any, tmp_path: Path) -> None:
+async def test_sigkill_mid_send_frees_everything_within_a_second(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
     await add_tenants(conn, 1)
     await send(conn, "t0", 1, text="slow one")
     await send(conn, "t0", 1, text="next in conversation")
@@ -140,7 +172,10 @@ async def test_sigkill_mid_send_frees_everything_within_a_second(db_url: str, co
 
 async def test_sigterm_drains_in_flight_sends(db_url: str, conn: Any, tmp_path: Path) -> None:
     await add_tenants(conn, 4)
-    await send_many(conn, [Message(tenant_id=f"t{i % 4}", phone_number=phone(i), text=f"m{i}") for i in range(40)])
+    await send_many(
+        conn,
+        [Message(tenant_id=f"t{i % 4}", phone_number=phone(i), text=f"m{i}") for i in range(40)],
+    )
     record = tmp_path / "r.jsonl"
     w = start_worker(db_url, record, "--latency", "0.4", "0.6")
     deadline = time.monotonic() + 20

@@ -10,7 +10,9 @@ from tests.helpers import add_tenants, phone, running_worker, send_many, wait_un
 from tests.recording import max_overlap, read_sends
 
 
-async def test_all_jobs_are_sent_once_in_conversation_order(db_url: str, conn: Any, tmp_path: Path) -> None:
+async def test_all_jobs_are_sent_once_in_conversation_order(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
     tenants = await add_tenants(conn, 3)
     messages = [
         Message(tenant_id=tenants[i % 3], phone_number=phone(i % 7), text=f"m{i}")
@@ -29,7 +31,9 @@ async def test_all_jobs_are_sent_once_in_conversation_order(db_url: str, conn: A
         assert order == sorted(order)
     assert max_overlap(sends, key=lambda s: s.conv) == 1
     assert max_overlap(sends, key=lambda s: s.tenant) <= 5
-    cur = await conn.execute("SELECT count(*) AS n FROM pgqueue.job_history WHERE state = 'completed'")
+    cur = await conn.execute(
+        "SELECT count(*) AS n FROM pgqueue.job_history WHERE state = 'completed'"
+    )
     assert (await cur.fetchone())["n"] == 60
     cur = await conn.execute("SELECT sum(active) AS a FROM pgqueue.tenants")
     assert (await cur.fetchone())["a"] == 0
@@ -71,7 +75,10 @@ async def test_retry_blocks_its_conversation_only(db_url: str, conn: Any, tmp_pa
     sends = read_sends(record)
     a = [s for s in sends if s.conv.endswith(phone(1))]
     assert [(s.body.split()[0], s.outcome) for s in a] == [
-        ("a0", "transient"), ("a0", "transient"), ("a0", "ok"), ("a1", "ok")
+        ("a0", "transient"),
+        ("a0", "transient"),
+        ("a0", "ok"),
+        ("a1", "ok"),
     ]
     # Backoff 200 ms, then 400 ms (G7), and a1 only after a0 finally went through (G1).
     assert a[1].start - a[0].end >= 0.19
@@ -84,14 +91,19 @@ async def test_retry_blocks_its_conversation_only(db_url: str, conn: Any, tmp_pa
     await counters_match(conn)
 
 
-async def test_dead_letter_does_not_block_and_keeps_the_code(db_url: str, conn: Any, tmp_path: Path) -> None:
+async def test_dead_letter_does_not_block_and_keeps_the_code(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
     await add_tenants(conn, 1)
-    await send_many(conn, [
-        Message(tenant_id="t0", phone_number=phone(1), text="x [permanent]"),
-        Message(tenant_id="t0", phone_number=phone(1), text="after dead"),
-        Message(tenant_id="t0", phone_number=phone(3), text="y [transient:9]"),
-        Message(tenant_id="t0", phone_number=phone(3), text="after exhausted"),
-    ])
+    await send_many(
+        conn,
+        [
+            Message(tenant_id="t0", phone_number=phone(1), text="x [permanent]"),
+            Message(tenant_id="t0", phone_number=phone(1), text="after dead"),
+            Message(tenant_id="t0", phone_number=phone(3), text="y [transient:9]"),
+            Message(tenant_id="t0", phone_number=phone(3), text="after exhausted"),
+        ],
+    )
     record = tmp_path / "r.jsonl"
     async with running_worker(db_url, record):
         await wait_until_drained(conn, 20)
@@ -113,8 +125,11 @@ async def test_tenant_limit_holds_and_is_reached(db_url: str, conn: Any, tmp_pat
     await add_tenants(conn, 1, prefix="small", max_concurrency=2)
     # Lift the rate so that pacing does not keep the limit from being reached.
     await conn.execute("UPDATE pgqueue.queues SET rate_per_second = 10000")
-    await send_many(conn, [Message(tenant_id="big0", phone_number=phone(i), text=f"{i}") for i in range(40)]
-                    + [Message(tenant_id="small0", phone_number=phone(i), text=f"{i}") for i in range(20)])
+    await send_many(
+        conn,
+        [Message(tenant_id="big0", phone_number=phone(i), text=f"{i}") for i in range(40)]
+        + [Message(tenant_id="small0", phone_number=phone(i), text=f"{i}") for i in range(20)],
+    )
     record = tmp_path / "r.jsonl"
     async with running_worker(db_url, record, latency=(0.03, 0.05)):
         await wait_until_drained(conn, 30)
@@ -127,7 +142,9 @@ async def test_tenant_limit_holds_and_is_reached(db_url: str, conn: Any, tmp_pat
 async def test_global_limit_holds_and_is_reached(db_url: str, conn: Any, tmp_path: Path) -> None:
     await add_tenants(conn, 6)
     await conn.execute("UPDATE pgqueue.queues SET global_concurrency = 7, rate_per_second = 10000")
-    await send_many(conn, [Message(tenant_id=f"t{i % 6}", phone_number=phone(i), text="x") for i in range(90)])
+    await send_many(
+        conn, [Message(tenant_id=f"t{i % 6}", phone_number=phone(i), text="x") for i in range(90)]
+    )
     record = tmp_path / "r.jsonl"
     async with running_worker(db_url, record, latency=(0.02, 0.04)):
         await wait_until_drained(conn, 30)
@@ -136,11 +153,20 @@ async def test_global_limit_holds_and_is_reached(db_url: str, conn: Any, tmp_pat
 
 async def test_priority_first_fifo_within(db_url: str, conn: Any, tmp_path: Path) -> None:
     await add_tenants(conn, 1)
-    await send_many(conn, [Message(tenant_id="t0", phone_number=phone(i), text=f"low{i}", priority=-5) for i in range(5)]
-                    + [Message(tenant_id="t0", phone_number=phone(10 + i), text=f"mid{i}") for i in range(5)]
-                    + [Message(tenant_id="t0", phone_number=phone(20 + i), text=f"high{i}", priority=50) for i in range(5)]
-                    # G1 beats priority: the urgent one waits behind its conversation's head.
-                    + [Message(tenant_id="t0", phone_number=phone(0), text="urgent-behind-low0", priority=99)])
+    await send_many(
+        conn,
+        [
+            Message(tenant_id="t0", phone_number=phone(i), text=f"low{i}", priority=-5)
+            for i in range(5)
+        ]
+        + [Message(tenant_id="t0", phone_number=phone(10 + i), text=f"mid{i}") for i in range(5)]
+        + [
+            Message(tenant_id="t0", phone_number=phone(20 + i), text=f"high{i}", priority=50)
+            for i in range(5)
+        ]
+        # G1 beats priority: the urgent one waits behind its conversation's head.
+        + [Message(tenant_id="t0", phone_number=phone(0), text="urgent-behind-low0", priority=99)],
+    )
     record = tmp_path / "r.jsonl"
     async with running_worker(db_url, record, concurrency=1):
         await wait_until_drained(conn, 20)
@@ -150,10 +176,17 @@ async def test_priority_first_fifo_within(db_url: str, conn: Any, tmp_path: Path
     assert order.index("urgent-behind-low0") > order.index("low0")
 
 
-async def test_fairness_a_big_backlog_does_not_delay_others(db_url: str, conn: Any, tmp_path: Path) -> None:
+async def test_fairness_a_big_backlog_does_not_delay_others(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
     await add_tenants(conn, 4)
-    await send_many(conn, [Message(tenant_id="t0", phone_number=phone(i), text=f"big{i}") for i in range(300)])
-    await send_many(conn, [Message(tenant_id=f"t{k}", phone_number=phone(k), text=f"small{k}") for k in (1, 2, 3)])
+    await send_many(
+        conn, [Message(tenant_id="t0", phone_number=phone(i), text=f"big{i}") for i in range(300)]
+    )
+    await send_many(
+        conn,
+        [Message(tenant_id=f"t{k}", phone_number=phone(k), text=f"small{k}") for k in (1, 2, 3)],
+    )
     record = tmp_path / "r.jsonl"
     async with running_worker(db_url, record, latency=(0.01, 0.02)):
         await wait_until_drained(conn, 60)
@@ -165,7 +198,9 @@ async def test_fairness_a_big_backlog_does_not_delay_others(db_url: str, conn: A
 async def test_rate_limit_window(db_url: str, conn: Any, tmp_path: Path) -> None:
     await add_tenants(conn, 10)
     await conn.execute("UPDATE pgqueue.queues SET rate_per_second = 40")
-    await send_many(conn, [Message(tenant_id=f"t{i % 10}", phone_number=phone(i), text="x") for i in range(120)])
+    await send_many(
+        conn, [Message(tenant_id=f"t{i % 10}", phone_number=phone(i), text="x") for i in range(120)]
+    )
     record = tmp_path / "r.jsonl"
     async with running_worker(db_url, record):
         await wait_until_drained(conn, 30)
@@ -185,7 +220,9 @@ async def test_throttle_pauses_the_whole_queue(db_url: str, conn: Any, tmp_path:
         import asyncio
 
         await asyncio.sleep(0.3)
-        await send_many(conn, [Message(tenant_id="t1", phone_number=phone(i), text="other") for i in range(3)])
+        await send_many(
+            conn, [Message(tenant_id="t1", phone_number=phone(i), text="other") for i in range(3)]
+        )
         await wait_until_drained(conn, 20)
         assert w is not None
     sends = read_sends(record)
@@ -194,20 +231,27 @@ async def test_throttle_pauses_the_whole_queue(db_url: str, conn: Any, tmp_path:
     assert min(s.start for s in others) >= throttled.end + 0.9
 
 
-async def test_tenant_error_pauses_tenant_without_burning_retries(db_url: str, conn: Any, tmp_path: Path) -> None:
+async def test_tenant_error_pauses_tenant_without_burning_retries(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
     await add_tenants(conn, 2)
-    await send_many(conn, [
-        Message(tenant_id="t0", phone_number=phone(1), text="[tenant]"),
-        Message(tenant_id="t0", phone_number=phone(2), text="t0 other"),
-        Message(tenant_id="t1", phone_number=phone(1), text="t1 fine"),
-    ])
+    await send_many(
+        conn,
+        [
+            Message(tenant_id="t0", phone_number=phone(1), text="[tenant]"),
+            Message(tenant_id="t0", phone_number=phone(2), text="t0 other"),
+            Message(tenant_id="t1", phone_number=phone(1), text="t1 fine"),
+        ],
+    )
     record = tmp_path / "r.jsonl"
     async with running_worker(db_url, record):
         import asyncio
 
         for _ in range(100):
             t = await q(conn, "SELECT paused FROM pgqueue.tenants WHERE id = 't0'")
-            done = await q(conn, "SELECT count(*) AS n FROM pgqueue.job_history WHERE tenant_id = 't1'")
+            done = await q(
+                conn, "SELECT count(*) AS n FROM pgqueue.job_history WHERE tenant_id = 't1'"
+            )
             if t[0]["paused"] and done[0]["n"] == 1:
                 break
             await asyncio.sleep(0.05)

@@ -62,9 +62,7 @@ async def test_concurrent_same_key_makes_one_job(db_url: str, conn: Any) -> None
     await add_tenants(conn, 1)
     conns = [await connect(db_url) for _ in range(6)]
     try:
-        results = await asyncio.gather(
-            *(send(c, "t0", 1, idempotency_key="same") for c in conns)
-        )
+        results = await asyncio.gather(*(send(c, "t0", 1, idempotency_key="same") for c in conns))
     finally:
         for c in conns:
             await c.close()
@@ -72,11 +70,15 @@ async def test_concurrent_same_key_makes_one_job(db_url: str, conn: Any) -> None
     assert len(await rows(conn, "SELECT id FROM pgqueue.jobs")) == 1
 
 
-async def test_concurrent_enqueues_to_one_conversation_keep_one_head(db_url: str, conn: Any) -> None:
+async def test_concurrent_enqueues_to_one_conversation_keep_one_head(
+    db_url: str, conn: Any
+) -> None:
     await add_tenants(conn, 1)
     conns = [await connect(db_url) for _ in range(8)]
     try:
-        await asyncio.gather(*(send(c, "t0", 7, text=f"{i}-{j}") for i, c in enumerate(conns) for j in range(10)))
+        await asyncio.gather(
+            *(send(c, "t0", 7, text=f"{i}-{j}") for i, c in enumerate(conns) for j in range(10))
+        )
     finally:
         for c in conns:
             await c.close()
@@ -96,7 +98,9 @@ async def test_batch_is_all_or_nothing(conn: Any) -> None:
     assert e.value.index == 5 and e.value.code == "invalid_phone_number"
     assert "messages[5]" in e.value.message
     with pytest.raises(BatchValidationError) as e2:
-        await enqueue_whatsapp_send_batch(conn, [*good, Message(tenant_id="nope", phone_number=phone(1), text="x")])
+        await enqueue_whatsapp_send_batch(
+            conn, [*good, Message(tenant_id="nope", phone_number=phone(1), text="x")]
+        )
     assert e2.value.code == "unknown_tenant" and e2.value.index == 5
     assert await rows(conn, "SELECT id FROM pgqueue.jobs") == []
     assert await rows(conn, "SELECT * FROM pgqueue.conversations") == []
@@ -119,7 +123,11 @@ async def test_batch_keeps_order_heads_and_idempotency(conn: Any) -> None:
     assert out[5].duplicate
     jobs = await rows(conn, "SELECT body, is_head FROM pgqueue.jobs ORDER BY seq")
     assert [(j["body"], j["is_head"]) for j in jobs] == [
-        ("hello", True), ("a", False), ("b", True), ("c", False), ("d", True)
+        ("hello", True),
+        ("a", False),
+        ("b", True),
+        ("c", False),
+        ("d", True),
     ]
 
 
@@ -129,14 +137,17 @@ async def test_unknown_tenant_and_suppressed_number(conn: Any) -> None:
         await send(conn, "ghost", 1)
     assert e.value.code == "unknown_tenant"
     await conn.execute(
-        "INSERT INTO pgqueue.suppressions (tenant_id, phone_number, reason_code) VALUES ('t0', %s, '21610')",
+        "INSERT INTO pgqueue.suppressions (tenant_id, phone_number, reason_code) "
+        "VALUES ('t0', %s, '21610')",
         (phone(9),),
     )
     with pytest.raises(ValidationError) as e:
         await send(conn, "t0", 9)
     assert e.value.code == "number_suppressed" and "21610" in e.value.message
     with pytest.raises(BatchValidationError) as e:
-        await enqueue_whatsapp_send_batch(conn, [Message(tenant_id="t0", phone_number=phone(9), text="x")])
+        await enqueue_whatsapp_send_batch(
+            conn, [Message(tenant_id="t0", phone_number=phone(9), text="x")]
+        )
     assert e.value.code == "number_suppressed"
     assert await rows(conn, "SELECT id FROM pgqueue.jobs") == []
     assert await rows(conn, "SELECT * FROM pgqueue.conversations") == []
@@ -170,5 +181,7 @@ async def test_enqueue_notifies_the_queue(db_url: str, conn: Any) -> None:
 
 async def test_pool_source_works(pool: Any, conn: Any) -> None:
     await add_tenants(conn, 1)
-    r = await enqueue_whatsapp_send(pool, Message(tenant_id="t0", phone_number=phone(1), text="via pool"))
+    r = await enqueue_whatsapp_send(
+        pool, Message(tenant_id="t0", phone_number=phone(1), text="via pool")
+    )
     assert r.job_id > 0

@@ -24,30 +24,42 @@ from tests.recording import max_overlap, read_sends
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
-async def test_random_workload_three_workers(seed: int, db_url: str, conn: Any, tmp_path: Path) -> None:
+async def test_random_workload_three_workers(
+    seed: int, db_url: str, conn: Any, tmp_path: Path
+) -> None:
     rng = random.Random(seed)
     n_tenants = rng.randint(3, 7)
     tenant_ids = await add_tenants(conn, n_tenants)
     limits = {tid: rng.randint(1, 5) for tid in tenant_ids}
     for tid, limit in limits.items():
-        await conn.execute("UPDATE pgqueue.tenants SET max_concurrency = %s WHERE id = %s", (limit, tid))
+        await conn.execute(
+            "UPDATE pgqueue.tenants SET max_concurrency = %s WHERE id = %s", (limit, tid)
+        )
     global_limit = rng.choice([6, 12, 20])
-    await conn.execute("UPDATE pgqueue.queues SET global_concurrency = %s, rate_per_second = 400", (global_limit,))
+    await conn.execute(
+        "UPDATE pgqueue.queues SET global_concurrency = %s, rate_per_second = 400", (global_limit,)
+    )
 
     messages: list[Message] = []
     for i in range(rng.randint(250, 350)):
         tenant = rng.choice(tenant_ids)
         conv = rng.randint(0, 12)
         tag = rng.choices(["", "[transient:1]", "[transient:2]", "[permanent]"], [85, 8, 4, 3])[0]
-        messages.append(Message(
-            tenant_id=tenant, phone_number=phone(conv), text=f"{i} {tag}".strip(),
-            priority=rng.choice([0, 0, 0, 5, -5]),
-        ))
+        messages.append(
+            Message(
+                tenant_id=tenant,
+                phone_number=phone(conv),
+                text=f"{i} {tag}".strip(),
+                priority=rng.choice([0, 0, 0, 5, -5]),
+            )
+        )
     await send_many(conn, messages)
 
     record = tmp_path / "sends.jsonl"
-    workers = [start_worker(db_url, record, "--latency", "0.005", "0.03", "--seed", str(seed * 10 + k))
-               for k in range(3)]
+    workers = [
+        start_worker(db_url, record, "--latency", "0.005", "0.03", "--seed", str(seed * 10 + k))
+        for k in range(3)
+    ]
     try:
         await wait_until_drained(conn, 90)
     finally:
@@ -62,7 +74,9 @@ async def test_random_workload_three_workers(seed: int, db_url: str, conn: Any, 
     expected_ok = sorted(m.text for m in messages if "[permanent]" not in (m.text or ""))
     assert sorted(s.body for s in ok) == expected_ok
     dead = [s for s in sends if s.outcome == "permanent"]
-    assert sorted(s.body for s in dead) == sorted(m.text for m in messages if "[permanent]" in (m.text or ""))
+    assert sorted(s.body for s in dead) == sorted(
+        m.text for m in messages if "[permanent]" in (m.text or "")
+    )
     # G1: enqueue order inside each conversation, one send at a time.
     by_conv: dict[str, list[int]] = {}
     for s in sorted(ok + dead, key=lambda s: s.start):

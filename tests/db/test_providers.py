@@ -376,13 +376,13 @@ async def test_the_auth_token_never_reaches_errors_or_logs(
 
     assert len(errors) == 5
     assert "***" in str(errors[0])
-    for exc in errors:
-        assert TOKEN not in str(exc)
-        assert TOKEN not in repr(exc)
-        assert TOKEN not in repr(vars(exc))
+    for err in errors:
+        assert TOKEN not in str(err)
+        assert TOKEN not in repr(err)
+        assert TOKEN not in repr(vars(err))
         # A logged traceback must not show the SDK's original error either.
-        assert exc.__suppress_context__
-        assert TOKEN not in "".join(traceback.format_exception(exc))
+        assert err.__suppress_context__
+        assert TOKEN not in "".join(traceback.format_exception(err))
     assert caplog.records, "expected the provider's debug lines"
     assert TOKEN not in caplog.text
 

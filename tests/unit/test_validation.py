@@ -32,7 +32,9 @@ def test_phone_numbers_are_normalised(raw: str, e164: str) -> None:
     assert normalize_phone(raw) == e164
 
 
-@pytest.mark.parametrize("raw", ["", "4155550123", "+1", "+999999999999", "abc", "+1415555012345678"])
+@pytest.mark.parametrize(
+    "raw", ["", "4155550123", "+1", "+999999999999", "abc", "+1415555012345678"]
+)
 def test_bad_phone_numbers(raw: str) -> None:
     with pytest.raises(ValidationError) as e:
         validate(msg(phone_number=raw))
@@ -48,8 +50,16 @@ def test_bad_phone_numbers(raw: str) -> None:
         ({"text": None}, "missing_content", "text"),
         ({"text": "a", "content_sid": "HX" + "a" * 32}, "invalid_content", "text"),
         ({"text": None, "content_sid": "MG123"}, "invalid_content_sid", "contentSid"),
-        ({"text": None, "content_sid": "HX" + "a" * 32, "content_variables": ["x"]}, "invalid_content_variables", "contentVariables"),
-        ({"text": None, "content_sid": "HX" + "a" * 32, "content_variables": {"1": {"a": 1}}}, "invalid_content_variables", "contentVariables"),
+        (
+            {"text": None, "content_sid": "HX" + "a" * 32, "content_variables": ["x"]},
+            "invalid_content_variables",
+            "contentVariables",
+        ),
+        (
+            {"text": None, "content_sid": "HX" + "a" * 32, "content_variables": {"1": {"a": 1}}},
+            "invalid_content_variables",
+            "contentVariables",
+        ),
         ({"text": "a", "content_variables": {"1": "x"}}, "invalid_content", "contentVariables"),
         ({"priority": 101}, "invalid_priority", "priority"),
         ({"priority": -101}, "invalid_priority", "priority"),
@@ -72,7 +82,9 @@ def test_each_bad_field_has_its_error(fields: dict[str, Any], code: str, field: 
 
 
 def test_template_and_defaults() -> None:
-    row = validate(msg(text=None, content_sid="HX" + "b" * 32, content_variables={"1": "Ana", "2": 3}))
+    row = validate(
+        msg(text=None, content_sid="HX" + "b" * 32, content_variables={"1": "Ana", "2": 3})
+    )
     assert row.content_variables == {"1": "Ana", "2": "3"}
     assert row.conversation == "t0:+14155550123"
     assert row.body is None

@@ -1,0 +1,97 @@
+"""Operations on jobs for people: look up, list, retry dead letters, clean them.
+
+Shared by the API and the CLI; a tenant scope (`tenant_id`) hides other tenants' jobs
+entirely (another tenant's id is simply not found).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pgqueue import queries
+from pgqueue.errors import NotFoundError, ValidationError
+from pgqueue.models import JobState
+
+MAX_LIST = 1000
+
+
+async def get_job(
+    conn: queries.Conn, job_id: int, *, tenant_id: str | None = None
+) -> dict[str, Any]:
+    row = await queries.fetch_one(conn, "get_job", {"id": job_id, "tenant_id": tenant_id})
+    if row is None:
+        raise NotFoundError(f"no job {job_id}")
+    return row
+
+
+async def list_jobs(
+    conn: queries.Conn,
+    *,
+    queue: str,
+    state: str | None = None,
+    tenant_id: str | None = None,
+    conversation: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    if state is not None and state not in {s.value for s in JobState}:
+        raise ValidationError(
+            f"state must be one of {', '.join(s.value for s in JobState)}", field="state"
+        )
+    if not 1 <= limit <= MAX_LIST:
+        raise ValidationError(f"limit must be from 1 to {MAX_LIST}", field="limit")
+    return await queries.fetch_all(
+        conn,
+        "list_jobs",
+        {
+            "queue": queue,
+            "state": state,
+            "tenant_id": tenant_id,
+            "conversation": conversation,
+            "limit": limit,
+        },
+    )
+
+
+async def retry_failed(
+    conn: queries.Conn,
+    *,
+    queue: str,
+    ids: list[int] | None = None,
+    tenant_id: str | None = None,
+) -> list[int]:
+    """Move dead letters back to the queue (to the tail of their conversations).
+    `ids=None` retries every dead letter (of the tenant, if given)."""
+    rows = await queries.fetch_all(
+        conn, "retry_failed", {"queue": queue, "ids": ids, "tenant_id": tenant_id}
+    )
+    return [int(r["id"]) for r in rows]
+
+
+async def retry_job(
+    conn: queries.Conn, job_id: int, *, queue: str, tenant_id: str | None = None
+) -> dict[str, Any]:
+    job = await get_job(conn, job_id, tenant_id=tenant_id)
+    if job["state"] != "failed":
+        raise ValidationError(
+            f"job {job_id} is {job['state']}; only failed jobs can be retried",
+            code="not_failed",
+            field="id",
+        )
+    await retry_failed(conn, queue=queue, ids=[job_id], tenant_id=tenant_id)
+    return await get_job(conn, job_id, tenant_id=tenant_id)
+
+
+async def clean_failed(
+    conn: queries.Conn,
+    *,
+    queue: str,
+    older_than: datetime | None = None,
+    tenant_id: str | None = None,
+) -> int:
+    row = await queries.fetch_one(
+        conn,
+        "clean_failed",
+        {"queue": queue, "older_than": older_than, "tenant_id": tenant_id},
+    )
+    return int(row["deleted"]) if row else 0
