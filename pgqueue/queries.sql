@@ -563,3 +563,9 @@ WITH gone AS (
     WHERE t.id = x.tenant_id
 )
 SELECT count(*) AS deleted FROM gone;
+
+
+-- name: record_sandbox_message
+-- What the sandbox provider "sent", for the demo and for anyone without Twilio.
+INSERT INTO pgqueue.sandbox_messages (tenant_id, job_id, to_number, body, content_sid, sid)
+VALUES (%(tenant_id)s, %(job_id)s, %(to_number)s, %(body)s, %(content_sid)s, %(sid)s);

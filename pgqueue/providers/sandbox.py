@@ -15,14 +15,9 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
+from pgqueue import queries
 from pgqueue.errors import PermanentSendError, TransientSendError
 from pgqueue.models import Job, SendResult
-
-# Kept here rather than in queries.sql: only the sandbox writes this table.
-RECORD_MESSAGE = """
-INSERT INTO pgqueue.sandbox_messages (tenant_id, job_id, to_number, body, content_sid, sid)
-VALUES (%(tenant_id)s, %(job_id)s, %(to_number)s, %(body)s, %(content_sid)s, %(sid)s)
-"""
 
 
 class SandboxProvider:
@@ -66,8 +61,9 @@ class SandboxProvider:
         # Random, not seeded: two sandbox workers with the same seed must not share SIDs.
         sid = "SM" + uuid.uuid4().hex
         async with self._pool.connection() as conn:
-            await conn.execute(
-                RECORD_MESSAGE,
+            await queries.execute(
+                conn,
+                "record_sandbox_message",
                 {
                     "tenant_id": job.tenant_id,
                     "job_id": job.id,
