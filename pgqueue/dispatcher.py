@@ -231,9 +231,18 @@ class Dispatcher:
             cut = len(pending)
             if pending:
                 await asyncio.wait(pending)
-        while self._in_flight:
+        # Outcomes are written while the database answers; if it stays away, give up
+        # after a while: the jobs stay active and the rescuer sends them again later.
+        deadline = time.monotonic() + timeout + 10.0
+        while self._in_flight and time.monotonic() < deadline:
             self._done_event.set()
             await asyncio.sleep(0.01)
+        if self._in_flight:
+            log.error(
+                "%d outcome(s) could not be written before exit; those jobs will be "
+                "rescued and sent again",
+                len(self._in_flight),
+            )
         if self._completer is not None:
             self._completer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

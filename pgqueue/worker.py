@@ -100,6 +100,9 @@ class Worker:
         self.rescue_grace_s = rescue_grace_s
         self.maintenance_interval_s = maintenance_interval_s
         self.stop = asyncio.Event()
+        # Set while running, for tests and operators poking at a live worker.
+        self.dispatcher: Dispatcher | None = None
+        self.pool: AsyncConnectionPool[Any] | None = None
 
     async def run(self) -> int:
         cfg = self.config
@@ -107,6 +110,7 @@ class Worker:
         await pool.open(wait=True, timeout=30)
         provider = self.provider_factory(self.settings, pool)
         dispatcher = Dispatcher(self.url, provider, cfg)
+        self.dispatcher, self.pool = dispatcher, pool
         async with pool.connection() as conn:
             await queries.ensure_queue(conn, cfg.queue)
             await queries.execute(

@@ -260,3 +260,53 @@ async def test_tenant_error_pauses_tenant_without_burning_retries(
     job = (await q(conn, "SELECT attempts, state FROM pgqueue.jobs WHERE body = '[tenant]'"))[0]
     assert job["attempts"] == 0 and job["state"] == "waiting"
     await counters_match(conn)
+
+
+async def test_tenant_rate_limit(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 1, rate_per_second=5)
+    await add_tenants(conn, 1, prefix="free")
+    await send_many(
+        conn,
+        [Message(tenant_id="t0", phone_number=phone(i), text="slow") for i in range(8)]
+        + [Message(tenant_id="free0", phone_number=phone(i), text="fast") for i in range(8)],
+    )
+    record = tmp_path / "r.jsonl"
+    async with running_worker(db_url, record):
+        await wait_until_drained(conn, 20)
+    sends = read_sends(record)
+    slow = [s.start for s in sends if s.tenant == "t0"]
+    assert min(b - a for a, b in zip(slow, slow[1:], strict=False)) >= 0.19
+    fast = [s.start for s in sends if s.tenant == "free0"]
+    assert fast[-1] - fast[0] < 0.5  # only the tenant with its own rate is held back
+
+
+async def test_lost_lock_connection_is_retaken_and_nothing_resent(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
+    await add_tenants(conn, 1)
+    await send_many(
+        conn, [Message(tenant_id="t0", phone_number=phone(i), text=f"m{i}") for i in range(3)]
+    )
+    record = tmp_path / "r.jsonl"
+    async with running_worker(db_url, record, latency=(1.0, 1.0)) as worker:
+        import asyncio
+
+        while len(read_sends(record)) < 3:
+            await asyncio.sleep(0.02)
+        dispatcher = worker.dispatcher
+        assert dispatcher is not None and dispatcher._conn is not None
+        pid = dispatcher._conn.info.backend_pid
+        await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # The worker's other connections still show it alive: no rescue meanwhile.
+        from pgqueue.maintenance import Rescuer
+
+        assert (
+            await Rescuer(worker.pool, queue="whatsapp-send", grace_s=0).run_once()
+        ).rescued == 0
+        await wait_until_drained(conn, 20)
+        assert dispatcher.stats.reconnects >= 2
+    sends = read_sends(record)
+    assert len(sends) == 3 and all(s.outcome == "ok" for s in sends)
+    done = await q(conn, "SELECT count(*) AS n FROM pgqueue.job_history WHERE state = 'completed'")
+    assert done[0]["n"] == 3
+    await counters_match(conn)
