@@ -61,6 +61,21 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     return raw
 
 
+def _latency(env: Mapping[str, str], name: str) -> tuple[float, float]:
+    """`100-300` (ms, a range) or `150` (ms, fixed)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return (0.1, 0.3)
+    low, _, high = raw.partition("-")
+    try:
+        lo, hi = int(low), int(high or low)
+    except ValueError:
+        raise ConfigError(f"{name} must be milliseconds like 150 or 100-300, got {raw!r}") from None
+    if not 0 <= lo <= hi <= 60_000:
+        raise ConfigError(f"{name} must be 0 <= low <= high <= 60000 ms, got {raw!r}")
+    return (lo / 1000.0, hi / 1000.0)
+
+
 def _redact(url: str) -> str:
     """Hide a password in a URL before it reaches a message."""
     parsed = urlparse(url)
@@ -84,6 +99,9 @@ class Settings:
     log_format: LogFormat = "plain"
     public_base_url: str | None = None
     send_timeout_s: float = 15.0
+    sandbox_latency_s: tuple[float, float] = (0.1, 0.3)
+    sandbox_failure_rate: float = 0.0
+    sandbox_invalid_numbers: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +132,16 @@ class Settings:
             log_format=log_format,  # type: ignore[arg-type]
             public_base_url=_url(env, "PGQUEUE_PUBLIC_URL", ("http", "https")),
             send_timeout_s=float(_int(env, "PGQUEUE_SEND_TIMEOUT", 15, minimum=1, maximum=300)),
+            sandbox_latency_s=_latency(env, "PGQUEUE_SANDBOX_LATENCY_MS"),
+            sandbox_failure_rate=_int(
+                env, "PGQUEUE_SANDBOX_FAILURE_PERCENT", 0, minimum=0, maximum=100
+            )
+            / 100.0,
+            sandbox_invalid_numbers=frozenset(
+                n.strip()
+                for n in env.get("PGQUEUE_SANDBOX_INVALID_NUMBERS", "").split(",")
+                if n.strip()
+            ),
         )
 
     @property

@@ -567,5 +567,7 @@ SELECT count(*) AS deleted FROM gone;
 
 -- name: record_sandbox_message
 -- What the sandbox provider "sent", for the demo and for anyone without Twilio.
-INSERT INTO pgqueue.sandbox_messages (tenant_id, job_id, to_number, body, content_sid, sid)
-VALUES (%(tenant_id)s, %(job_id)s, %(to_number)s, %(body)s, %(content_sid)s, %(sid)s);
+INSERT INTO pgqueue.sandbox_messages
+    (tenant_id, job_id, to_number, body, content_sid, sid, started_at)
+VALUES (%(tenant_id)s, %(job_id)s, %(to_number)s, %(body)s, %(content_sid)s, %(sid)s,
+        %(started_at)s);

@@ -270,6 +270,8 @@ sandbox_messages = Table(
     Column("body", Text),
     Column("content_sid", Text),
     Column("sid", Text, nullable=False),
+    # When the simulated send began; created_at is when it ended.
+    Column("started_at", TZ, nullable=False, server_default=NOW),
     Column("created_at", TZ, nullable=False, server_default=NOW),
 )
 

@@ -41,7 +41,12 @@ def default_provider(settings: Settings, pool: AsyncConnectionPool[Any]) -> Prov
     if settings.provider == "sandbox":
         from pgqueue.providers.sandbox import SandboxProvider
 
-        return SandboxProvider(pool)
+        return SandboxProvider(
+            pool,
+            latency=settings.sandbox_latency_s,
+            failure_rate=settings.sandbox_failure_rate,
+            invalid_numbers=settings.sandbox_invalid_numbers,
+        )
     from pgqueue.providers.twilio import TwilioProvider
 
     return TwilioProvider(settings)

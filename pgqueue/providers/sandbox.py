@@ -11,6 +11,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -45,6 +46,7 @@ class SandboxProvider:
         self.invalid_numbers = set(invalid_numbers)
 
     async def send(self, job: Job) -> SendResult:
+        started_at = datetime.now(UTC)
         await asyncio.sleep(self._rng.uniform(*self._latency))
         if job.to_number in self.invalid_numbers:
             raise PermanentSendError(
@@ -71,6 +73,7 @@ class SandboxProvider:
                     "body": job.body,
                     "content_sid": job.content_sid,
                     "sid": sid,
+                    "started_at": started_at,
                 },
             )
         if job.content_sid is not None:

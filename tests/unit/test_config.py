@@ -80,3 +80,18 @@ def test_cli_reports_bad_config_in_one_line_with_exit_2() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == "pgqueue: QUEUE_RETRY_ATTEMPTS must be a whole number, got 'abc'"
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_sandbox_settings() -> None:
+    s = Settings.from_env(
+        {
+            "PGQUEUE_SANDBOX_LATENCY_MS": "50-80",
+            "PGQUEUE_SANDBOX_FAILURE_PERCENT": "5",
+            "PGQUEUE_SANDBOX_INVALID_NUMBERS": "+15550000000, +15550000001",
+        }
+    )
+    assert s.sandbox_latency_s == (0.05, 0.08)
+    assert s.sandbox_failure_rate == 0.05
+    assert s.sandbox_invalid_numbers == {"+15550000000", "+15550000001"}
+    with pytest.raises(ConfigError, match="PGQUEUE_SANDBOX_LATENCY_MS"):
+        Settings.from_env({"PGQUEUE_SANDBOX_LATENCY_MS": "300-100"})
