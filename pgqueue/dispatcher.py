@@ -36,6 +36,8 @@ from pgqueue.providers import Provider
 log = logging.getLogger("pgqueue.dispatcher")
 
 RECONNECT_MAX_S = 1.0
+# A send may start at most this long after its rate slot; later, it takes a new slot.
+MAX_LATE_S = 0.008
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,9 @@ class DispatcherConfig:
     concurrency: int = 20
     batch_size: int = 10
     lease_s: float = 60.0
-    # How far ahead of its start a rate slot may be handed out (see claim_jobs).
-    lookahead_s: float = 0.25
+    # How far ahead of its start a rate slot may be handed out (see claim_jobs). Short,
+    # because a job waiting for its slot holds a concurrency slot meanwhile.
+    lookahead_s: float = 0.05
     poll_interval_s: float = 1.0
     send_timeout_s: float = 30.0
     backoff_ms: int = 2000
@@ -74,6 +77,7 @@ class DispatcherStats:
     released: int = 0
     fenced: int = 0
     reconnects: int = 0
+    reslotted: int = 0
 
 
 class Dispatcher:
@@ -264,9 +268,7 @@ class Dispatcher:
                 # lease ran out): sending now could overlap its send. Give the job back.
                 entry.outcome = Outcome("release", code="conversation-busy")
                 return
-            delay = job.start_at.timestamp() - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            await self._wait_for_slot(job.start_at.timestamp())
             job_event(
                 "processing",
                 f"processing job {job.id}",
@@ -294,6 +296,23 @@ class Dispatcher:
                 entry.outcome = Outcome("release", code="internal-error")
             self._done.append(entry)
             self._done_event.set()
+
+    async def _wait_for_slot(self, start_at: float) -> None:
+        """Sleep until the job's rate slot; if the event loop wakes us too late, take a
+        new slot rather than start late (a late start would bunch up with the next
+        slots and put more than R starts into one second, G4)."""
+        while True:
+            delay = start_at - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if time.time() - start_at <= MAX_LATE_S:
+                return
+            self.stats.reslotted += 1
+
+            async def reslot(conn: queries.Conn) -> float:
+                return await queries.reslot(conn, queue=self.config.queue)
+
+            start_at = await self.with_connection(reslot)
 
     # -- completing ----------------------------------------------------------------------
 

