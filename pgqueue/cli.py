@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     emb.add_parser("stop", help="stop the embedded server of PGQUEUE_HOME")
 
+    from pgqueue import ops_cli
+
+    ops_cli.add_commands(sub)
     return p
 
 
@@ -305,7 +308,9 @@ def run(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
             keep_running=args.keep_running,
             scale=args.duration_scale,
         )
-    raise PgQueueError(f"unknown command {cmd!r}")
+    from pgqueue import ops_cli
+
+    return ops_cli.run(args, settings)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

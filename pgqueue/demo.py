@@ -322,7 +322,6 @@ async def compute_verdicts(url: str, ids: list[int]) -> list[Verdict]:
 def _view(metrics: dict[str, Any], progress: Progress, rate: float) -> Any:
     from rich.console import Group
     from rich.panel import Panel
-    from rich.progress_bar import ProgressBar
     from rich.table import Table
 
     counts = Table.grid(padding=(0, 3))
@@ -339,7 +338,8 @@ def _view(metrics: dict[str, Any], progress: Progress, rate: float) -> Any:
     for tenant, n in sorted(metrics["tenantConcurrency"].items()):
         if tenant.startswith("demo-"):
             tenants.add_row(tenant, "█" * n + f" {n}", str(limit))
-    bar = ProgressBar(total=max(progress.total, 1), completed=progress.sent, width=40)
+    filled = round(40 * progress.sent / max(progress.total, 1))
+    bar = "[green]" + "█" * filled + "[/][dim]" + "░" * (40 - filled) + "[/]"
     return Panel(
         Group(
             f"scenario: [bold]{progress.scenario}[/]  {progress.sent}/{progress.total}",
@@ -399,7 +399,8 @@ async def run_demo(
         "WHATSAPP_SEND_QUEUE_NAME": DEMO_QUEUE,
         "PGQUEUE_PROVIDER": "sandbox",
         "PGQUEUE_SANDBOX_LATENCY_MS": "100-300",
-        "PGQUEUE_SANDBOX_FAILURE_PERCENT": "4",
+        # A short run sends fewer messages: fail more of them so retries still show.
+        "PGQUEUE_SANDBOX_FAILURE_PERCENT": "4" if scale >= 1 else "10",
         "PGQUEUE_SANDBOX_INVALID_NUMBERS": INVALID_NUMBER,
         "QUEUE_BACKOFF_DELAY": "500",
         "WHATSAPP_SEND_QUEUE_ENABLED": "true",
@@ -465,6 +466,7 @@ def _print_verdicts(verdicts: list[Verdict], progress: Progress) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    print()
     table = Table("guarantee", "held", "measured", title="verdicts (from the database)")
     for v in verdicts:
         table.add_row(v.name, "[green]yes[/]" if v.held else "[red]NO[/]", v.detail)
