@@ -31,7 +31,7 @@ from pgqueue.completion import decide
 from pgqueue.db import connect
 from pgqueue.logs import job_event
 from pgqueue.models import Job, Outcome
-from pgqueue.providers import Provider
+from pgqueue.providers import Provider, SlotMissed, slot_deadline
 
 log = logging.getLogger("pgqueue.dispatcher")
 
@@ -268,7 +268,7 @@ class Dispatcher:
                 # lease ran out): sending now could overlap its send. Give the job back.
                 entry.outcome = Outcome("release", code="conversation-busy")
                 return
-            await self._wait_for_slot(job.start_at.timestamp())
+            slot = await self._wait_for_slot(job.start_at.timestamp())
             job_event(
                 "processing",
                 f"processing job {job.id}",
@@ -278,14 +278,22 @@ class Dispatcher:
                 preview=job.preview,
             )
             result: Any
-            try:
-                result = await asyncio.wait_for(
-                    self.provider.send(job), timeout=self.config.send_timeout_s
-                )
-            except asyncio.CancelledError:
-                raise
-            except BaseException as e:  # every failure becomes an outcome, never a loss
-                result = e
+            while True:
+                try:
+                    with slot_deadline(slot + MAX_LATE_S):
+                        result = await asyncio.wait_for(
+                            self.provider.send(job), timeout=self.config.send_timeout_s
+                        )
+                except SlotMissed:
+                    # Nothing went out: building the request took too long. Try again
+                    # in a fresh slot rather than start late.
+                    slot = await self._wait_for_slot(await self._reslot())
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as e:  # every failure becomes an outcome, never a loss
+                    result = e
+                break
             entry.outcome = decide(job, result, backoff_ms=self.config.backoff_ms)
         except asyncio.CancelledError:
             # Cut short by a drain: the job goes back unspent; the provider may or may
@@ -297,22 +305,26 @@ class Dispatcher:
             self._done.append(entry)
             self._done_event.set()
 
-    async def _wait_for_slot(self, start_at: float) -> None:
-        """Sleep until the job's rate slot; if the event loop wakes us too late, take a
-        new slot rather than start late (a late start would bunch up with the next
-        slots and put more than R starts into one second, G4)."""
+    async def _wait_for_slot(self, start_at: float) -> float:
+        """Sleep until the job's rate slot and return it; if the event loop wakes us too
+        late, take a new slot rather than start late (a late start would bunch up with
+        the next slots and put more than R starts into one second, G4)."""
         while True:
             delay = start_at - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             if time.time() - start_at <= MAX_LATE_S:
-                return
-            self.stats.reslotted += 1
+                return start_at
+            start_at = await self._reslot()
 
-            async def reslot(conn: queries.Conn) -> float:
-                return await queries.reslot(conn, queue=self.config.queue)
+    async def _reslot(self) -> float:
+        self.stats.reslotted += 1
 
-            start_at = await self.with_connection(reslot)
+        async def reslot(conn: queries.Conn) -> float:
+            return await queries.reslot(conn, queue=self.config.queue)
+
+        result: float = await self.with_connection(reslot)
+        return result
 
     # -- completing ----------------------------------------------------------------------
 

@@ -110,25 +110,50 @@ class Worker:
         self.pool: AsyncConnectionPool[Any] | None = None
 
     async def run(self) -> int:
+        pool = make_pool(
+            self.url, min_size=1, max_size=3, application_name=self.config.application_name
+        )
+        # The pool is closed on every path: a pool left open while asyncio shuts down
+        # keeps reconnecting and the process never exits (psycopg_pool 3.3).
+        await pool.open(wait=False)
+        try:
+            if not await self._register(pool):
+                return 0  # asked to stop before the database ever answered
+            return await self._serve(pool)
+        finally:
+            await pool.close(timeout=5)
+
+    async def _register(self, pool: AsyncConnectionPool[Any]) -> bool:
+        """Announce this worker; while the database is unreachable (starting, restarting)
+        keep trying until it answers or the worker is asked to stop."""
         cfg = self.config
-        pool = make_pool(self.url, min_size=1, max_size=3, application_name=cfg.application_name)
-        await pool.open(wait=True, timeout=30)
+        while not self.stop.is_set():
+            try:
+                async with pool.connection(timeout=5) as conn:
+                    await queries.ensure_queue(conn, cfg.queue)
+                    await queries.execute(
+                        conn,
+                        "register_worker",
+                        {
+                            "id": cfg.worker_id,
+                            "queue": cfg.queue,
+                            "hostname": socket.gethostname(),
+                            "pid": os.getpid(),
+                            "concurrency": cfg.concurrency,
+                        },
+                    )
+                return True
+            except psycopg.OperationalError as e:  # PoolTimeout is one too
+                log.warning("database not reachable yet (%s); retrying", str(e).strip()[:200])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), timeout=1.0)
+        return False
+
+    async def _serve(self, pool: AsyncConnectionPool[Any]) -> int:
+        cfg = self.config
         provider = self.provider_factory(self.settings, pool)
         dispatcher = Dispatcher(self.url, provider, cfg)
         self.dispatcher, self.pool = dispatcher, pool
-        async with pool.connection() as conn:
-            await queries.ensure_queue(conn, cfg.queue)
-            await queries.execute(
-                conn,
-                "register_worker",
-                {
-                    "id": cfg.worker_id,
-                    "queue": cfg.queue,
-                    "hostname": socket.gethostname(),
-                    "pid": os.getpid(),
-                    "concurrency": cfg.concurrency,
-                },
-            )
         log.info(
             "worker %s started: queue %s, concurrency %d",
             cfg.worker_id,
@@ -170,7 +195,6 @@ class Worker:
                     await queries.execute(conn, "unregister_worker", {"id": cfg.worker_id})
             await dispatcher.close()
             await provider.aclose()
-            await pool.close()
             log.info(
                 "worker %s stopped: %d completed, %d retried, %d failed",
                 cfg.worker_id,

@@ -38,6 +38,7 @@ from twilio.rest.api.v2010.account import message as _preload_messages  # noqa: 
 from pgqueue.config import Settings
 from pgqueue.errors import PermanentSendError, SendError, TenantSendError, TransientSendError
 from pgqueue.models import Job, SendResult
+from pgqueue.providers import check_slot
 
 log = logging.getLogger("pgqueue.twilio")
 
@@ -127,6 +128,7 @@ class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
             # tests) and older versions lack encode_basic_auth; the header is simple.
             pair = f"{auth[0]}:{auth[1]}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        check_slot()
         started = time.monotonic()
         async with self.session.request(
             method.upper(),

@@ -191,3 +191,20 @@ async def test_sigterm_drains_in_flight_sends(db_url: str, conn: Any, tmp_path: 
     left = await q(conn, "SELECT count(*) AS n FROM pgqueue.jobs")
     assert left[0]["n"] == 40 - len(sends)
     assert max_overlap(sends) <= 20
+
+
+async def test_worker_waits_for_an_unreachable_database_and_stops_cleanly() -> None:
+    import socket
+
+    from pgqueue.config import Settings
+    from pgqueue.worker import Worker
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Worker(Settings(), f"postgresql://postgres@127.0.0.1:{port}/x?connect_timeout=1")
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(1.5)
+    assert not task.done()  # still trying, not crashed
+    worker.stop.set()
+    assert await asyncio.wait_for(task, 10) == 0

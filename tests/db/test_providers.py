@@ -517,3 +517,14 @@ def test_sandbox_rejects_nonsense_settings() -> None:
         SandboxProvider(None, latency=(0.3, 0.1))  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         SandboxProvider(None, failure_rate=2)  # type: ignore[arg-type]
+
+
+async def test_a_missed_rate_slot_sends_nothing(provider: TwilioProvider, fake: FakeTwilio) -> None:
+    from pgqueue.providers import SlotMissed, slot_deadline
+
+    with slot_deadline(time.time() - 1), pytest.raises(SlotMissed):
+        await provider.send(make_job())
+    assert fake.records() == []
+    with slot_deadline(time.time() + 5):
+        result = await provider.send(make_job())
+    assert result.sid.startswith("SM")
