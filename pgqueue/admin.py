@@ -30,7 +30,7 @@ TENANT_PUBLIC = (
 
 
 def validate_tenant_id(tenant_id: str) -> str:
-    if not _TENANT_ID.match(tenant_id or ""):
+    if not _TENANT_ID.fullmatch(tenant_id or ""):
         raise ValidationError(
             f"tenant id {tenant_id[:40]!r} must be 1-100 letters, digits, '.', '_' or '-'",
             field="id",
@@ -39,7 +39,7 @@ def validate_tenant_id(tenant_id: str) -> str:
 
 
 def _account_sid(value: str) -> str:
-    if not _ACCOUNT_SID.match(value or ""):
+    if not _ACCOUNT_SID.fullmatch(value or ""):
         raise ValidationError(
             "account SID must be AC followed by 32 hex digits", field="account_sid"
         )
@@ -152,7 +152,7 @@ async def set_tenant(
     if rate_per_second is not _UNSET:
         changes["rate_per_second"] = _positive_rate(rate_per_second, "rate")
     if fallback_content_sid is not _UNSET:
-        if fallback_content_sid is not None and not _CONTENT_SID.match(fallback_content_sid):
+        if fallback_content_sid is not None and not _CONTENT_SID.fullmatch(fallback_content_sid):
             raise ValidationError(
                 "fallback content SID must be HX followed by 32 hex digits",
                 field="fallback_content_sid",

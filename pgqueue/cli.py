@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     qset.add_argument("--rate", type=_nonneg_float, help="sends per second for the whole queue")
     qset.add_argument("--retention-days", type=int)
 
+    dash = sub.add_parser("dashboard-url", help="print a signed link to the dashboard")
+    dash.add_argument("--base-url", default="http://127.0.0.1:8000", help="where the API runs")
+    dash.add_argument("--ttl-hours", type=float, default=12.0)
+
     emb = sub.add_parser("embedded", help="the embedded PostgreSQL").add_subparsers(
         dest="action", required=True, parser_class=_Parser
     )
@@ -285,6 +289,11 @@ def run(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
         return asyncio.run(_token(args, settings))
     if cmd == "queue":
         return asyncio.run(_queue(args, settings))
+    if cmd == "dashboard-url":
+        from pgqueue.dashboard import dashboard_url
+
+        print(dashboard_url(settings, args.base_url, int(args.ttl_hours * 3600)))
+        return 0
     if cmd == "embedded":
         from pgqueue.db import stop_embedded
 

@@ -95,6 +95,7 @@ class Dispatcher:
         self._claiming = True
         self._completer: asyncio.Task[None] | None = None
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
+        self._paused_until = 0.0  # epoch s; set by a provider's 429
 
     # -- the lock connection -------------------------------------------------------------
 
@@ -295,6 +296,10 @@ class Dispatcher:
                     result = e
                 break
             entry.outcome = decide(job, result, backoff_ms=self.config.backoff_ms)
+            if entry.outcome.throttle_s:
+                # The provider asked us to slow down: this process holds its own sends
+                # at once; the others learn it when the outcome is written.
+                self._paused_until = max(self._paused_until, time.time() + entry.outcome.throttle_s)
         except asyncio.CancelledError:
             # Cut short by a drain: the job goes back unspent; the provider may or may
             # not have taken it (at-least-once).
@@ -313,6 +318,10 @@ class Dispatcher:
             delay = start_at - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if time.time() < self._paused_until:
+                await asyncio.sleep(self._paused_until - time.time())
+                start_at = await self._reslot()
+                continue
             if time.time() - start_at <= MAX_LATE_S:
                 return start_at
             start_at = await self._reslot()
@@ -324,6 +333,7 @@ class Dispatcher:
             return await queries.reslot(conn, queue=self.config.queue)
 
         result: float = await self.with_connection(reslot)
+        log.info("rate slot missed; new slot in %.0f ms", (result - time.time()) * 1000)
         return result
 
     # -- completing ----------------------------------------------------------------------

@@ -121,7 +121,9 @@ def validate(message: Message, *, now: datetime | None = None) -> _Row:
                 field="contentVariables",
             )
     elif message.content_sid is not None:
-        if not isinstance(message.content_sid, str) or not _CONTENT_SID.match(message.content_sid):
+        if not isinstance(message.content_sid, str) or not _CONTENT_SID.fullmatch(
+            message.content_sid
+        ):
             raise ValidationError(
                 "contentSid must be a Twilio Content SID: HX followed by 32 hex digits",
                 code="invalid_content_sid",
@@ -156,7 +158,7 @@ def validate(message: Message, *, now: datetime | None = None) -> _Row:
     )
     message_type = message.message_type
     if message_type is not None and (
-        not isinstance(message_type, str) or not _MESSAGE_TYPE.match(message_type)
+        not isinstance(message_type, str) or not _MESSAGE_TYPE.fullmatch(message_type)
     ):
         raise ValidationError(
             "messageType must be a lower-case word such as customer_service, marketing "

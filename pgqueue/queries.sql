@@ -50,7 +50,9 @@ WITH allowed AS (
     RETURNING id, state, run_at, created_at
 )
 SELECT job.id, job.state, job.run_at, job.created_at, conv.pending - 1 AS ahead,
-       pg_notify('pgqueue_' || %(queue)s, '') AS notified
+       -- Only a new head can be claimed now: the others wait for a promotion, which
+       -- notifies itself. NOTIFY serialises commits, so it is not sent for nothing.
+       CASE WHEN conv.pending = 1 THEN pg_notify('pgqueue_' || %(queue)s, '') END AS notified
 FROM job, conv;
 
 
@@ -99,7 +101,8 @@ WITH input AS (
 SELECT job.id, job.state, job.run_at, job.created_at,
        row_number() OVER (PARTITION BY job.conversation ORDER BY job.seq)
            + conv.pending - counts.n - 1 AS ahead,
-       pg_notify('pgqueue_' || %(queue)s, '') AS notified
+       CASE WHEN conv.pending = counts.n THEN pg_notify('pgqueue_' || %(queue)s, '') END
+           AS notified
 FROM job
 JOIN conv USING (conversation)
 JOIN counts USING (conversation)
@@ -588,11 +591,11 @@ VALUES (%(tenant_id)s, %(job_id)s, %(to_number)s, %(body)s, %(content_sid)s, %(s
 
 -- name: api_queue_counts
 -- The old system's metrics for the whole queue, in one round trip: live counts, the
--- tenants' finished counters, sends in flight per tenant and the paused tenants.
+-- tenants' finished counters, sends in flight per tenant and the paused tenants. The
+-- live table is read once with two filters (waiting is the rest): its cost grows with
+-- the backlog of unsent messages, never with history.
 SELECT
-  count(*) FILTER (WHERE j.state <> 'active' AND j.run_at <= now()) AS waiting,
-  count(*) FILTER (WHERE j.state = 'active') AS active,
-  count(*) FILTER (WHERE j.state <> 'active' AND j.run_at > now()) AS delayed,
+  c.total - c.active - c.delayed AS waiting, c.active, c.delayed,
   (SELECT coalesce(sum(t.completed_total), 0) FROM pgqueue.tenants t) AS completed,
   (SELECT coalesce(sum(t.failed_total), 0) FROM pgqueue.tenants t) AS failed,
   (SELECT coalesce(jsonb_object_agg(t.id, t.active), '{}'::jsonb) FROM pgqueue.tenants t)
@@ -601,22 +604,27 @@ SELECT
    WHERE t.paused) AS paused_tenants,
   (SELECT q.tenant_concurrency FROM pgqueue.queues q WHERE q.name = %(queue)s)
       AS max_concurrency_per_tenant
-FROM pgqueue.jobs j
-WHERE j.queue = %(queue)s;
+FROM (
+    SELECT count(*) AS total,
+           count(*) FILTER (WHERE j.state = 'active') AS active,
+           count(*) FILTER (WHERE j.state <> 'active' AND j.run_at > now()) AS delayed
+    FROM pgqueue.jobs j
+    WHERE j.queue = %(queue)s
+) c;
 
 
 -- name: api_tenant_counts
 -- The same numbers for one tenant only (what a tenant token may see): its live jobs
 -- through the tenant index, its own counters, its own concurrency limit. No row when
 -- the tenant does not exist.
-SELECT c.waiting, c.active, c.delayed, t.completed_total AS completed,
-       t.failed_total AS failed, t.active AS in_flight,
+SELECT c.total - c.active - c.delayed AS waiting, c.active, c.delayed,
+       t.completed_total AS completed, t.failed_total AS failed, t.active AS in_flight,
        coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency_per_tenant,
        t.paused
 FROM pgqueue.tenants t
 LEFT JOIN pgqueue.queues q ON q.name = %(queue)s
 CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE j.state <> 'active' AND j.run_at <= now()) AS waiting,
+    SELECT count(*) AS total,
            count(*) FILTER (WHERE j.state = 'active') AS active,
            count(*) FILTER (WHERE j.state <> 'active' AND j.run_at > now()) AS delayed
     FROM pgqueue.jobs j
@@ -744,9 +752,7 @@ SELECT version_num FROM pgqueue.alembic_version;
 -- (the lock connection is named pgqueue-worker:<id>): `pgqueue doctor`.
 SELECT w.id, w.hostname, w.pid, w.concurrency, w.started_at, w.heartbeat_at,
        EXISTS (SELECT 1 FROM pg_stat_activity a
-               WHERE a.application_name = 'pgqueue-worker:' || w.id) AS connected,
-       (SELECT min(a.backend_start) FROM pg_stat_activity a
-        WHERE a.application_name = 'pgqueue-worker:' || w.id) AS connected_since
+               WHERE a.application_name = 'pgqueue-worker:' || w.id) AS connected
 FROM pgqueue.workers w
 WHERE w.queue = %(queue)s
 ORDER BY w.started_at;
@@ -802,3 +808,35 @@ WHERE name = %(queue)s
 RETURNING extract(epoch FROM rate_tat
                   - make_interval(secs => 1.0 / (rate_per_second * %(headroom)s)))::float8
           AS start_at;
+
+
+-- === Dashboard ===
+
+-- name: dashboard_throughput
+-- Finished sends per 10-second bucket over the last 15 minutes (the chart), from the
+-- (queue, finished_at) index, so the cost follows the window, not the history.
+SELECT floor(extract(epoch FROM finished_at) / 10)::bigint * 10 AS bucket,
+       count(*) FILTER (WHERE state = 'completed') AS completed,
+       count(*) FILTER (WHERE state = 'failed') AS failed
+FROM pgqueue.job_history
+WHERE queue = %(queue)s AND finished_at > now() - interval '15 minutes'
+GROUP BY 1
+ORDER BY 1;
+
+
+-- name: dashboard_failed
+-- The newest dead letters with their provider codes, for the retry buttons.
+SELECT id, tenant_id, to_number, last_error_code, last_error_message, attempts, finished_at
+FROM pgqueue.job_history
+WHERE queue = %(queue)s AND state = 'failed'
+ORDER BY finished_at DESC
+LIMIT %(limit)s;
+
+
+-- name: dashboard_queue
+-- Limits and the rate clock: a rate_tat ahead of now is the wait for the next send slot
+-- (long after a 429).
+SELECT global_concurrency, tenant_concurrency, rate_per_second, active,
+       extract(epoch FROM rate_tat - clock_timestamp())::float8 AS rate_wait,
+       (SELECT count(*) FROM pgqueue.workers w WHERE w.queue = %(queue)s) AS workers
+FROM pgqueue.queues WHERE name = %(queue)s;

@@ -235,6 +235,7 @@ job_history = Table(
     ),
     Index("job_history_failed", "queue", "finished_at", postgresql_where=text("state = 'failed'")),
     Index("job_history_tenant_finished", "tenant_id", "finished_at"),
+    Index("job_history_queue_finished", "queue", "finished_at"),
     postgresql_partition_by="RANGE (finished_at)",
 )
 

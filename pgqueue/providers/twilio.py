@@ -38,7 +38,7 @@ from twilio.rest.api.v2010.account import message as _preload_messages  # noqa: 
 from pgqueue.config import Settings
 from pgqueue.errors import PermanentSendError, SendError, TenantSendError, TransientSendError
 from pgqueue.models import Job, SendResult
-from pgqueue.providers import check_slot
+from pgqueue.providers import SlotMissed, check_slot
 
 log = logging.getLogger("pgqueue.twilio")
 
@@ -82,6 +82,26 @@ _response_headers: contextvars.ContextVar[Mapping[str, str] | None] = contextvar
 )
 
 
+class _SlotConnector(aiohttp.TCPConnector):
+    """Checks the send's rate slot once a connection is in hand, right before the request
+    is written: a new connection (TCP and TLS handshakes, DNS) or a wait for a free one
+    takes time that would otherwise reach the provider as jitter and bunch starts (G4)."""
+
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
+        proto = await super()._create_connection(req, traces, timeout)
+        try:
+            check_slot()
+        except SlotMissed:
+            proto.close()
+            raise
+        return proto
+
+
+async def _check_slot_on_reuse(session: Any, context: Any, params: Any) -> None:
+    # aiohttp hands a raised exception back to the caller and releases the connection.
+    check_slot()
+
+
 class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
     """The SDK's aiohttp client, pointed at one base URL and with a real timeout.
 
@@ -97,11 +117,14 @@ class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
         self._scheme = parts.scheme
         self._netloc = parts.netloc
         self._prefix = parts.path.rstrip("/")
+        slot_check = aiohttp.TraceConfig()
+        slot_check.on_connection_reuseconn.append(_check_slot_on_reuse)
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             # One queue talks to one host; the default limit of 100 connections is more
             # than the global concurrency and keeps keep-alive reuse high.
-            connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
+            connector=_SlotConnector(limit=100, ttl_dns_cache=300),
+            trace_configs=[slot_check],
         )
 
     def route(self, url: str) -> str:
@@ -128,7 +151,6 @@ class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
             # tests) and older versions lack encode_basic_auth; the header is simple.
             pair = f"{auth[0]}:{auth[1]}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
-        check_slot()
         started = time.monotonic()
         async with self.session.request(
             method.upper(),

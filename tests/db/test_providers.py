@@ -528,3 +528,7 @@ async def test_a_missed_rate_slot_sends_nothing(provider: TwilioProvider, fake: 
     with slot_deadline(time.time() + 5):
         result = await provider.send(make_job())
     assert result.sid.startswith("SM")
+    # Again, now over a kept-alive connection (the reuse path is checked too).
+    with slot_deadline(time.time() - 1), pytest.raises(SlotMissed):
+        await provider.send(make_job())
+    assert len(fake.records()) == 1
