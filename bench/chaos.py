@@ -73,7 +73,7 @@ def configs(args: argparse.Namespace) -> dict[str, Any]:
     """Each scenario's config: the harness defaults (issue 6 sizes), scaled, with the
     command line's fault settings."""
     kill, restart, brownout = KillConfig(), RestartConfig(), BrownoutConfig()
-    overload, deploy = OverloadConfig(), DeployConfig()
+    overload, deploy = OverloadConfig(check_rate_floor=True), DeployConfig()
     out: dict[str, Any] = {
         "kill": dataclasses.replace(
             kill,

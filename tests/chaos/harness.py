@@ -1428,6 +1428,9 @@ class OverloadConfig:
     # that is ~0.25 s, and 20 slots would give ~80/s, no margin over the rate.
     latency: str = "0.05:0.15"
     min_rate_share: float = 0.975
+    # A throughput floor is a speed figure: the soak (bench/chaos.py) checks it; the test
+    # suite only reports it, since other load on a 2-core machine moves it (STYLE.md).
+    check_rate_floor: bool = False
     timeout: float = 600.0
 
 
@@ -1488,13 +1491,21 @@ async def scenario_overload(url: str, workdir: Path, cfg: OverloadConfig) -> Res
     )
     rate = sustained_rate(recs)
     want = cfg.min_rate_share * RATE
-    check(
-        rows,
-        "sustained start rate under backlog (first 90 % of sends)",
-        f"{rate:.2f}/s ({rate / RATE:.2%} of {RATE})",
-        f"≥ {want:.2f}/s ({cfg.min_rate_share:.1%})",
-        rate >= want,
-    )
+    if cfg.check_rate_floor:
+        check(
+            rows,
+            "sustained start rate under backlog (first 90 % of sends)",
+            f"{rate:.2f}/s ({rate / RATE:.2%} of {RATE})",
+            f"≥ {want:.2f}/s ({cfg.min_rate_share:.1%})",
+            rate >= want,
+        )
+    else:
+        rows.append(
+            Row(
+                "sustained start rate under backlog (first 90 % of sends)",
+                f"{rate:.2f}/s ({rate / RATE:.2%} of {RATE})",
+            )
+        )
     rows += api_rows(single.calls)
     batch_lat = [x.latency for x in bursts.calls if x.status is not None]
     rows.append(
