@@ -126,9 +126,11 @@ class Processes:
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Any] = []
 
     def start(self, args: list[str], env: dict[str, str], log_path: str) -> subprocess.Popen[bytes]:
         log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the child
+        self.logs.append(log)
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "pgqueue.cli", *args],
             env=env,
@@ -150,6 +152,8 @@ class Processes:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        for log in self.logs:
+            log.close()
 
 
 async def _setup(url: str) -> dict[str, str]:
