@@ -16,7 +16,7 @@ import psycopg
 from pgqueue import admin
 from pgqueue.config import Settings
 from pgqueue.db import connect, resolve_database_url
-from pgqueue.errors import PgQueueError
+from pgqueue.errors import PgQueueError, first_line
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 1
@@ -329,8 +329,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"pgqueue: {e.message}", file=sys.stderr)
         code = EXIT_USAGE
     except psycopg.OperationalError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"pgqueue: cannot reach the database: {first}", file=sys.stderr)
+        print(f"pgqueue: cannot reach the database: {first_line(e)}", file=sys.stderr)
         code = EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         code = 130

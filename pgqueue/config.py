@@ -55,9 +55,8 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
         return None
     parsed = urlparse(raw)
     if parsed.scheme not in schemes or not (parsed.netloc or parsed.query or parsed.path):
-        raise ConfigError(
-            f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL, got {_redact(raw)!r}"
-        )
+        kinds = " or ".join(s + "://" for s in schemes)
+        raise ConfigError(f"{name} must be a {kinds} URL, got {redact_url(raw)!r}")
     return raw
 
 
@@ -76,7 +75,7 @@ def _latency(env: Mapping[str, str], name: str) -> tuple[float, float]:
     return (lo / 1000.0, hi / 1000.0)
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """Hide a password in a URL before it reaches a message."""
     parsed = urlparse(url)
     if parsed.password:

@@ -94,6 +94,18 @@ def resolve_database_url(
     return url
 
 
+def as_url(conninfo: str) -> str:
+    """A `postgresql://` URL for a connection string (a socket directory stays a socket),
+    for child processes and settings that take DATABASE_URL."""
+    if conninfo.startswith(("postgresql://", "postgres://")):
+        return conninfo
+    p = psycopg.conninfo.conninfo_to_dict(conninfo)
+    return (
+        f"postgresql://{p.get('user', 'postgres')}@/{p.get('dbname', 'postgres')}"
+        f"?host={p['host']}&port={p.get('port', 5432)}"
+    )
+
+
 def sqlalchemy_url(url: str) -> str:
     """SQLAlchemy needs the driver named; psycopg URLs and DSNs both become psycopg 3 URLs."""
     if url.startswith(("postgresql://", "postgres://")):

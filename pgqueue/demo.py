@@ -25,7 +25,7 @@ import httpx
 
 from pgqueue import admin, migrate
 from pgqueue.config import Settings
-from pgqueue.db import connect, resolve_database_url
+from pgqueue.db import as_url, connect, resolve_database_url
 from pgqueue.errors import PgQueueError
 from pgqueue.metrics import queue_metrics
 
@@ -399,7 +399,7 @@ async def run_demo(
     home = settings.home.resolve()
     env = {
         **os.environ,
-        "DATABASE_URL": _url_for_children(url),
+        "DATABASE_URL": as_url(url),
         "WHATSAPP_SEND_QUEUE_NAME": DEMO_QUEUE,
         "PGQUEUE_PROVIDER": "sandbox",
         "PGQUEUE_SANDBOX_LATENCY_MS": "100-300",
@@ -477,19 +477,6 @@ def _print_verdicts(verdicts: list[Verdict], progress: Progress) -> None:
     Console().print(table)
     if progress.refused:
         print(f"{len(progress.refused)} request(s) refused, first: {progress.refused[0]}")
-
-
-def _url_for_children(url: str) -> str:
-    """The embedded server speaks through a socket directory: pass it as a URL."""
-    if url.startswith(("postgresql://", "postgres://")):
-        return url
-    import psycopg
-
-    p = psycopg.conninfo.conninfo_to_dict(url)
-    return (
-        f"postgresql://{p.get('user', 'postgres')}@/{p.get('dbname', 'postgres')}"
-        f"?host={p['host']}&port={p.get('port', 5432)}"
-    )
 
 
 def main(

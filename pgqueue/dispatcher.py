@@ -29,6 +29,7 @@ import psycopg
 from pgqueue import queries
 from pgqueue.completion import decide
 from pgqueue.db import connect
+from pgqueue.errors import first_line
 from pgqueue.logs import job_event
 from pgqueue.models import Job, Outcome
 from pgqueue.providers import Provider, SlotMissed, slot_deadline
@@ -108,7 +109,7 @@ class Dispatcher:
                 self._conn = await connect(self.url, application_name=self.config.application_name)
                 break
             except psycopg.OperationalError as e:
-                log.warning("lock connection: cannot connect (%s); retrying", _first_line(e))
+                log.warning("lock connection: cannot connect (%s); retrying", first_line(e))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
         self.stats.reconnects += 1
@@ -141,7 +142,7 @@ class Dispatcher:
                 try:
                     return await fn(conn)
                 except psycopg.OperationalError as e:
-                    log.warning("lock connection lost: %s", _first_line(e))
+                    log.warning("lock connection lost: %s", first_line(e))
                     with contextlib.suppress(Exception):
                         await conn.close()
                     self._conn = None
@@ -431,8 +432,3 @@ class Dispatcher:
         else:
             self.stats.released += 1
             job_event("released", f"job {job.id} released", code=outcome.code, **common)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -7,6 +7,12 @@ CLI can show as-is: no traceback, no secret.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """A one-line description of an exception for logs and CLI messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PgQueueError(Exception):
     code = "error"
 

@@ -20,8 +20,8 @@ from typing import Any
 import psycopg
 
 from pgqueue import jobs, queries
-from pgqueue.config import Settings
-from pgqueue.errors import NotFoundError, PgQueueError, ValidationError
+from pgqueue.config import Settings, redact_url
+from pgqueue.errors import NotFoundError, PgQueueError, ValidationError, first_line
 
 COMMANDS = ("jobs", "stats", "doctor", "suppression")
 # Waiting longer than this while due means something is stuck (no worker, a pause, a
@@ -338,11 +338,6 @@ class Check:
         return f"{'OK' if self.ok else 'FAIL':<4}  {self.name}: {self.detail}"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _ago(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -374,7 +369,7 @@ async def _database_checks(settings: Settings) -> list[Check]:
             Check(
                 False,
                 "database",
-                f"cannot connect ({_first_line(exc)}): check DATABASE_URL and that "
+                f"cannot connect ({first_line(exc)}): check DATABASE_URL and that "
                 "PostgreSQL is running",
             )
         ]
@@ -481,20 +476,10 @@ async def _database_checks(settings: Settings) -> list[Check]:
         if not paused:
             checks.append(Check(True, "tenants", "none paused"))
     except psycopg.Error as exc:
-        checks.append(Check(False, "database", f"query failed: {_first_line(exc)}"))
+        checks.append(Check(False, "database", f"query failed: {first_line(exc)}"))
     finally:
         await conn.close()
     return checks
-
-
-def _redact(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 async def _redis_check(settings: Settings) -> Check:
@@ -517,12 +502,12 @@ async def _redis_check(settings: Settings) -> Check:
         return Check(
             False,
             "redis",
-            f"unreachable at {_redact(settings.redis_url)} ({type(exc).__name__}): the API "
+            f"unreachable at {redact_url(settings.redis_url)} ({type(exc).__name__}): the API "
             "works without it, only slower; start Redis or unset REDIS_URL",
         )
     finally:
         await client.aclose()
-    return Check(True, "redis", f"reachable at {_redact(settings.redis_url)}")
+    return Check(True, "redis", f"reachable at {redact_url(settings.redis_url)}")
 
 
 # -- suppression ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from pgqueue.dashboard import signed_query
-from pgqueue.demo import _url_for_children
+from pgqueue.db import as_url
 from pgqueue.models import Message
 from tests.helpers import REPO, add_tenants, phone, running_worker, send_many, wait_until_drained
 
@@ -35,7 +35,7 @@ def _port() -> int:
 @pytest.fixture
 def api(db_url: str) -> Iterator[str]:
     port = _port()
-    env = {**os.environ, "DATABASE_URL": _url_for_children(db_url), "PGQUEUE_ADMIN_TOKEN": ADMIN}
+    env = {**os.environ, "DATABASE_URL": as_url(db_url), "PGQUEUE_ADMIN_TOKEN": ADMIN}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgqueue.cli", "serve", "--port", str(port)],
         cwd=REPO,

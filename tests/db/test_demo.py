@@ -9,11 +9,12 @@ import pytest
 
 from pgqueue import demo
 from pgqueue.config import Settings
+from pgqueue.db import as_url
 
 
 @pytest.mark.slow
 async def test_demo_runs_and_every_guarantee_holds(db_url: str, tmp_path: Path) -> None:
-    settings = Settings(database_url=demo._url_for_children(db_url), home=tmp_path)
+    settings = Settings(database_url=as_url(db_url), home=tmp_path)
     code = await demo.run_demo(
         settings, scenarios=None, keep_running=False, scale=0.25, watch=False
     )

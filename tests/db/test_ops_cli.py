@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from pgqueue import admin, cli
 from pgqueue.api import create_app
 from pgqueue.config import Settings
+from pgqueue.db import as_url
 from pgqueue.metrics import get_queue_metrics
 from pgqueue.models import Message
 from tests.helpers import add_tenants, phone, running_worker, send, send_many, wait_until_drained
@@ -49,17 +50,10 @@ class Result:
         return json.loads(self.out)
 
 
-def _as_url(dsn: str) -> str:
-    import psycopg
-
-    p = psycopg.conninfo.conninfo_to_dict(dsn)
-    return f"postgresql://{p['user']}@/{p['dbname']}?host={p['host']}&port={p.get('port', 5432)}"
-
-
 async def pgqueue(db_url: str, *argv: str, **env: str) -> Result:
     environ = {
         **{k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")},
-        "DATABASE_URL": _as_url(db_url) if "://" not in db_url else db_url,
+        "DATABASE_URL": as_url(db_url) if "://" not in db_url else db_url,
         "COLUMNS": "200",
         **env,
     }
@@ -147,7 +141,7 @@ async def test_stats_and_get_queue_metrics_give_the_endpoints_numbers(
     assert await get_queue_metrics(pool) == everyone.json()
     assert await get_queue_metrics(conn, tenant_id="t1") == mine.json()
     assert everyone.json()["waiting"] == 4 and mine.json()["waiting"] == 1
-    assert await get_queue_metrics(_as_url(db_url)) == everyone.json()
+    assert await get_queue_metrics(as_url(db_url)) == everyone.json()
 
     assert (await pgqueue(db_url, "stats", "--json")).json() == everyone.json()
     assert (await pgqueue(db_url, "stats", "--json", "--tenant", "t1")).json() == mine.json()

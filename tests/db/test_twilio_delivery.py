@@ -13,6 +13,7 @@ import pytest
 
 from pgqueue import cli
 from pgqueue.config import Settings
+from pgqueue.db import as_url
 from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.errors import ValidationError
 from pgqueue.worker import Worker, default_provider
@@ -132,7 +133,7 @@ async def test_bad_credentials_pause_the_tenant_until_resumed(
         assert len([r for r in fake.records() if r.outcome == "auth_failed"]) == 1
         # The operator fixes the token and resumes the tenant from the CLI.
         fake.add_account(ACCOUNT, "secret-token-t0")
-        monkeypatch.setenv("DATABASE_URL", _as_url(db_url))
+        monkeypatch.setenv("DATABASE_URL", as_url(db_url))
         assert await asyncio.to_thread(cli.run, ["tenant", "set", "t0", "--resume"]) == 0
         await wait_until_drained(conn, 20)
     assert (await history(conn))["t0 message"]["state"] == "completed"
@@ -152,10 +153,3 @@ async def test_429_retry_after_pauses_the_queue(db_url: str, conn: Any, fake: Fa
     assert min(r.t for r in recs[1:]) >= first.t_end + 0.95  # the whole queue waited
     h = await history(conn)
     assert h["throttled"]["attempts"] == 2
-
-
-def _as_url(dsn: str) -> str:
-    import psycopg
-
-    p = psycopg.conninfo.conninfo_to_dict(dsn)
-    return f"postgresql://{p['user']}@/{p['dbname']}?host={p['host']}&port={p.get('port', 5432)}"
