@@ -60,7 +60,9 @@ FROM job, conv;
 -- The batch variant: all rows in one statement, so a batch is all or nothing. Rows of
 -- one conversation keep their input order (`ord`); conversation rows are upserted once
 -- each, in key order, so concurrent batches cannot deadlock on them.
-WITH input AS (
+WITH types AS (
+    SELECT message_type_priorities AS priorities FROM pgqueue.queues WHERE name = %(queue)s
+), input AS (
     SELECT *
     FROM unnest(%(tenant_ids)s::text[], %(conversations)s::text[], %(priorities)s::int[],
                 %(run_ats)s::timestamptz[], %(to_numbers)s::text[], %(from_numbers)s::text[],
@@ -90,8 +92,7 @@ WITH input AS (
         max_attempts)
     SELECT %(queue)s, tenant_id, conversation, position = 1,
            CASE WHEN run_at > now() THEN 'delayed' ELSE 'waiting' END,
-           coalesce(priority, (SELECT (q.message_type_priorities ->> message_type)::int
-                               FROM pgqueue.queues q WHERE q.name = %(queue)s), 0),
+           coalesce(priority, ((SELECT priorities FROM types) ->> message_type)::int, 0),
            coalesce(run_at, now()), to_number, from_number, body, content_sid,
            content_variables, message_type, idempotency_key, %(max_attempts)s
     FROM numbered
