@@ -45,7 +45,8 @@ MAX_LATE_S = 0.008
 class DispatcherConfig:
     queue: str = "whatsapp-send"
     concurrency: int = 20
-    batch_size: int = 10
+    # A claim and a completion transaction serve up to this many sends.
+    batch_size: int = 20
     lease_s: float = 60.0
     # How far ahead of its start a rate slot may be handed out (see claim_jobs). Short,
     # because a job waiting for its slot holds a concurrency slot meanwhile.

@@ -188,7 +188,8 @@ WITH q AS (
           AND j.is_head AND j.state <> 'active'
           AND j.run_at <= (SELECT now FROM q)
         ORDER BY j.priority DESC, j.seq
-        LIMIT ft.free
+        -- A tenant's (n+1)-th head can never be among the n chosen: lock no more.
+        LIMIT least(ft.free, (SELECT n FROM budget))
         FOR UPDATE SKIP LOCKED
     ) h
 ), ranked AS (
