@@ -253,10 +253,12 @@ def _params(row: _Row, *, queue: str, max_attempts: int) -> dict[str, Any]:
     }
 
 
-def _enqueued(r: dict[str, Any], *, duplicate: bool = False) -> Enqueued:
+def _enqueued(
+    r: dict[str, Any], *, duplicate: bool = False, now: datetime | None = None
+) -> Enqueued:
     state = r["state"]
     if state in ("waiting", "delayed"):
-        state = "delayed" if r["run_at"] > datetime.now(UTC) else "waiting"
+        state = "delayed" if r["run_at"] > (now or datetime.now(UTC)) else "waiting"
     return Enqueued(
         job_id=int(r["id"]),
         state=state,
@@ -373,6 +375,13 @@ async def enqueue_whatsapp_send_batch(
     )
 
 
+def _column(values: list[Any]) -> list[Any] | None:
+    """An all-NULL column goes as one NULL instead of an array of them: writing the
+    arrays as text is the largest client cost of a batch, and a multi-argument unnest
+    pads a NULL array with NULLs to the longest one."""
+    return None if all(v is None for v in values) else values
+
+
 async def _insert_batch(
     conn: queries.Conn, rows: list[_Row], *, queue: str, max_attempts: int
 ) -> list[Enqueued]:
@@ -420,22 +429,25 @@ async def _insert_batch(
                 "max_attempts": max_attempts,
                 "tenant_ids": [r.tenant_id for r in batch],
                 "conversations": [r.conversation for r in batch],
-                "priorities": [r.priority for r in batch],
-                "run_ats": [r.run_at for r in batch],
+                "priorities": _column([r.priority for r in batch]),
+                "run_ats": _column([r.run_at for r in batch]),
                 "to_numbers": [r.to_number for r in batch],
-                "from_numbers": [r.from_number for r in batch],
-                "bodies": [r.body for r in batch],
-                "content_sids": [r.content_sid for r in batch],
-                "content_variables": [
-                    None if r.content_variables is None else Jsonb(r.content_variables)
-                    for r in batch
-                ],
-                "message_types": [r.message_type for r in batch],
-                "idempotency_keys": [r.idempotency_key for r in batch],
+                "from_numbers": _column([r.from_number for r in batch]),
+                "bodies": _column([r.body for r in batch]),
+                "content_sids": _column([r.content_sid for r in batch]),
+                "content_variables": _column(
+                    [
+                        None if r.content_variables is None else Jsonb(r.content_variables)
+                        for r in batch
+                    ]
+                ),
+                "message_types": _column([r.message_type for r in batch]),
+                "idempotency_keys": _column([r.idempotency_key for r in batch]),
             },
         )
+        now = datetime.now(UTC)
         for i, inserted_row in zip(to_insert, inserted, strict=True):
-            results[i] = _enqueued(inserted_row)
+            results[i] = _enqueued(inserted_row, now=now)
     out: list[Enqueued] = []
     for i, r in enumerate(rows):
         result = results[i]
