@@ -210,7 +210,9 @@ async def test_rate_limit_window(db_url: str, conn: Any, tmp_path: Path) -> None
 
     assert max_starts_per_window(sends) <= 40
     span = sends[-1].start - sends[0].start
-    assert 119 / span >= 0.95 * 40  # paced, not starved
+    # Paced, not starved. Only a coarse floor: the exact mean is a speed figure, measured
+    # by bench/dispatch.py (a slot missed under load is skipped, not reused).
+    assert 119 / span >= 0.75 * 40
 
 
 async def test_throttle_pauses_the_whole_queue(db_url: str, conn: Any, tmp_path: Path) -> None:
