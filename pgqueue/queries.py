@@ -20,7 +20,7 @@ Row: TypeAlias = dict[str, Any]
 
 # Sends are paced at this share of the configured rate, so that the jitter between a
 # slot and the provider seeing the request cannot push R + 1 starts into one second.
-RATE_HEADROOM = 0.98
+RATE_HEADROOM = 0.975
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
