@@ -6,7 +6,6 @@ The limits live in the database so every worker and API process sees the same va
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 from dataclasses import dataclass
@@ -196,23 +195,6 @@ async def create_token(conn: queries.Conn, tenant_id: str) -> str:
         (tenant_id, hash_token(token), token[:12]),
     )
     return token
-
-
-async def tenant_for_token(conn: queries.Conn, token: str) -> str | None:
-    """The tenant a bearer token belongs to, or None. The lookup is by hash, so timing
-    says nothing about how much of a token matched."""
-    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
-        return None
-    digest = hash_token(token)
-    cur = await conn.execute(
-        "UPDATE pgqueue.api_tokens SET last_used_at = now() "
-        "WHERE token_hash = %s AND revoked_at IS NULL RETURNING tenant_id, token_hash",
-        (digest,),
-    )
-    row = await cur.fetchone()
-    if row is None or not hmac.compare_digest(row["token_hash"], digest):
-        return None
-    return str(row["tenant_id"])
 
 
 @dataclass(frozen=True)

@@ -445,23 +445,6 @@ DELETE FROM pgqueue.conversations
 WHERE pending = 0 AND updated_at < now() - interval '10 minutes';
 
 
--- name: queue_counts
--- The old system's metrics for one queue. Live states are counted on the small live
--- table; completed comes from the tenants' counters and failed (the dead letters still
--- kept) from a partial index, so the cost does not grow with history.
-SELECT
-  count(*) FILTER (WHERE j.state <> 'active' AND j.run_at <= now()) AS waiting,
-  count(*) FILTER (WHERE j.state = 'active') AS active,
-  count(*) FILTER (WHERE j.state <> 'active' AND j.run_at > now()) AS delayed,
-  (SELECT coalesce(sum(completed_total), 0) FROM pgqueue.tenants) AS completed,
-  (SELECT count(*) FROM pgqueue.job_history h
-   WHERE h.queue = %(queue)s AND h.state = 'failed') AS failed,
-  (SELECT tenant_concurrency FROM pgqueue.queues WHERE name = %(queue)s)
-      AS max_concurrency_per_tenant
-FROM pgqueue.jobs j
-WHERE j.queue = %(queue)s;
-
-
 -- name: tenant_in_flight
 -- Sends in flight per tenant, with each tenant's limit and pause state.
 SELECT t.id, t.active, coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency,
