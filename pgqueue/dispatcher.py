@@ -95,7 +95,6 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._done_event = asyncio.Event()
         self._claiming = True
-        self._completer: asyncio.Task[None] | None = None
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
         self._paused_until = 0.0  # epoch s; set by a provider's 429
 
@@ -158,70 +157,91 @@ class Dispatcher:
     def claim_tokens(self) -> list[uuid.UUID]:
         return [f.job.claim_token for f in self._in_flight.values()]
 
-    async def claim_once(self) -> list[Job]:
-        """Claim as many jobs as free local slots allow (at most one batch) and start them."""
-        free = self.config.concurrency - len(self._in_flight)
-        if free <= 0 or not self._claiming:
-            return []
-        want = min(free, self.config.batch_size)
+    def _want(self) -> int:
+        """How many jobs to claim now: the free local slots, at most one batch."""
+        if not self._claiming:
+            return 0
+        return max(min(self.config.concurrency - len(self._in_flight), self.config.batch_size), 0)
 
-        async def claim(conn: queries.Conn) -> list[queries.Row]:
-            return await queries.claim_jobs(
+    async def turn(self) -> queries.CycleResult:
+        """One turn of the loop, in one transaction: write the outcomes that arrived since
+        the last turn, then claim what the slots they freed (and any others) allow, and
+        start those sends."""
+        batch, self._done = self._done, []
+        self._done_event.clear()
+        outcomes = self._outcomes(batch)
+        # Finished sends free their slots in this very transaction.
+        free = self.config.concurrency - len(self._in_flight) + len(batch)
+        want = min(free, self.config.batch_size) if self._claiming else 0
+        claim = queries.Claim(
+            worker_id=self.config.worker_id,
+            max_jobs=want,
+            lease_s=self.config.lease_s,
+            lookahead_s=self.config.lookahead_s,
+        )
+        release = [e.job.lock_key for e in batch if e.job.locked]
+
+        async def turn(conn: queries.Conn) -> queries.CycleResult:
+            return await queries.cycle(
                 conn,
                 queue=self.config.queue,
-                worker_id=self.config.worker_id,
-                max_jobs=want,
-                lease_s=self.config.lease_s,
-                lookahead_s=self.config.lookahead_s,
+                outcomes=outcomes,
+                release=release,
+                claim=claim,
+                notify=self.config.worker_id,
             )
 
-        rows: list[queries.Row] = await self.with_connection(claim)
-        jobs = [Job.from_row(r) for r in rows]
-        for job in jobs:
+        try:
+            result: queries.CycleResult = await self.with_connection(turn)
+        except BaseException:
+            self._done[:0] = batch  # written by the next turn
+            raise
+        mine = {r["id"] for r in result.applied}
+        for entry in batch:
+            self._in_flight.pop(entry.job.id, None)
+            self._log_outcome(entry, entry.job.id in mine)
+        for row in result.claimed:
+            job = Job.from_row(row)
             entry = _InFlight(job)
             self._in_flight[job.id] = entry
             entry.task = asyncio.create_task(self._send(entry), name=f"send-{job.id}")
-        self.stats.claimed += len(jobs)
-        return jobs
-
-    async def _hints(self) -> float:
-        """Seconds until something could be claimable without a notification."""
-
-        async def hints(conn: queries.Conn) -> queries.Row | None:
-            return await queries.fetch_one(conn, "claim_hints", {"queue": self.config.queue})
-
-        row = await self.with_connection(hints)
-        wait = self.config.poll_interval_s
-        if row is not None:
-            for key in ("rate_wait", "due_wait"):
-                value = row[key]
-                if value is not None and value > 0:
-                    wait = min(wait, value)
-        return max(wait, 0.001)
+        self.stats.claimed += len(result.claimed)
+        return result
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim and send until `stop` is set; then stop claiming and return. The caller
-        drains with `drain()`."""
-        self._completer = asyncio.create_task(self._complete_loop(), name="completer")
+        """Claim, send and complete until `stop` is set; then stop claiming and return.
+        The caller drains with `drain()`, which keeps writing outcomes."""
         while not stop.is_set():
             self._wake.clear()
             wait = self.config.poll_interval_s
-            if self.config.concurrency - len(self._in_flight) > 0:
-                want = min(self.config.concurrency - len(self._in_flight), self.config.batch_size)
-                jobs = await self.claim_once()
-                if len(jobs) == want:
-                    continue  # there may be more right now
-                wait = await self._hints()
-            stop_wait = asyncio.ensure_future(stop.wait())
-            wake_wait = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait(
-                {stop_wait, wake_wait}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-            )
-            stop_wait.cancel()
-            wake_wait.cancel()
+            want = self._want()
+            if self._done or want:
+                try:
+                    result = await self.turn()
+                except psycopg.Error as e:
+                    # Not the connection (with_connection retries that): a statement
+                    # failed. Nothing is lost: the outcomes wait for the next turn.
+                    log.error("dispatch turn failed, retrying: %s", first_line(e))
+                    await asyncio.sleep(0.1)
+                    continue
+                if self._done or (want and len(result.claimed) >= want):
+                    continue  # more to write, or maybe more to claim right now
+                if want:
+                    for hint in (result.rate_wait, result.due_wait):
+                        if hint is not None and hint > 0:
+                            wait = min(wait, hint)
+                    wait = max(wait, 0.001)
+            waits = {
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._wake.wait()),
+                asyncio.ensure_future(self._done_event.wait()),
+            }
+            await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
 
     async def drain(self, timeout: float) -> int:
         """Stop claiming; let sends in flight finish (at most `timeout` seconds) and write
@@ -240,21 +260,23 @@ class Dispatcher:
                 await asyncio.wait(pending)
         # Outcomes are written while the database answers; if it stays away, give up
         # after a while: the jobs stay active and the rescuer sends them again later.
-        deadline = time.monotonic() + timeout + 10.0
-        while self._in_flight and time.monotonic() < deadline:
-            self._done_event.set()
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._write_remaining(), timeout=timeout + 10.0)
         if self._in_flight:
             log.error(
                 "%d outcome(s) could not be written before exit; those jobs will be "
                 "rescued and sent again",
                 len(self._in_flight),
             )
-        if self._completer is not None:
-            self._completer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._completer
         return cut
+
+    async def _write_remaining(self) -> None:
+        while self._done:
+            try:
+                await self.turn()
+            except psycopg.Error as e:
+                log.error("writing outcomes failed, retrying: %s", first_line(e))
+                await asyncio.sleep(0.1)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -284,9 +306,8 @@ class Dispatcher:
             while True:
                 try:
                     with slot_deadline(slot + MAX_LATE_S):
-                        result = await asyncio.wait_for(
-                            self.provider.send(job), timeout=self.config.send_timeout_s
-                        )
+                        async with asyncio.timeout(self.config.send_timeout_s):
+                            result = await self.provider.send(job)
                 except SlotMissed:
                     # Nothing went out: building the request took too long. Try again
                     # in a fresh slot rather than start late.
@@ -340,16 +361,8 @@ class Dispatcher:
 
     # -- completing ----------------------------------------------------------------------
 
-    async def _complete_loop(self) -> None:
-        while True:
-            await self._done_event.wait()
-            self._done_event.clear()
-            while self._done:
-                batch, self._done = self._done, []
-                await self._apply(batch)
-
-    async def _apply(self, batch: list[_InFlight]) -> None:
-        outcomes: list[queries.Row] = []
+    def _outcomes(self, batch: list[_InFlight]) -> queries.Outcomes:
+        rows: list[queries.Row] = []
         conversations: set[str] = set()
         pauses: list[tuple[str, str]] = []
         suppressions: list[tuple[str, str, str]] = []
@@ -358,7 +371,7 @@ class Dispatcher:
             job, outcome = entry.job, entry.outcome
             if outcome is None:
                 continue
-            outcomes.append(outcome.as_row(job.id, job.claim_token))
+            rows.append(outcome.as_row(job.id, job.claim_token))
             if outcome.kind in ("completed", "failed"):
                 conversations.add(job.conversation)
             if outcome.pause_tenant:
@@ -367,26 +380,7 @@ class Dispatcher:
                 suppressions.append((job.tenant_id, job.to_number, outcome.code))
             if outcome.throttle_s:
                 throttle = max(throttle, outcome.throttle_s)
-
-        async def write(conn: queries.Conn) -> list[queries.Row]:
-            applied = await queries.complete_jobs(
-                conn,
-                queue=self.config.queue,
-                outcomes=outcomes,
-                conversations=sorted(conversations),
-                pauses=pauses,
-                suppressions=suppressions,
-                throttle_s=throttle or None,
-            )
-            await queries.release_locks(conn, [e.job.lock_key for e in batch if e.job.locked])
-            return applied
-
-        applied = await self.with_connection(write)
-        mine = {r["id"] for r in applied}
-        for entry in batch:
-            self._in_flight.pop(entry.job.id, None)
-            self._log_outcome(entry, entry.job.id in mine)
-        self._wake.set()
+        return queries.Outcomes(rows, sorted(conversations), pauses, suppressions, throttle or None)
 
     def _log_outcome(self, entry: _InFlight, applied: bool) -> None:
         job, outcome = entry.job, entry.outcome

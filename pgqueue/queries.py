@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 Conn: TypeAlias = psycopg.AsyncConnection[dict[str, Any]]
 Row: TypeAlias = dict[str, Any]
@@ -63,6 +65,91 @@ async def ensure_queue(conn: Conn, queue: str) -> None:
     await execute(conn, "ensure_queue", {"queue": queue})
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What a claim asks for (see claim_jobs in queries.sql)."""
+
+    worker_id: str
+    max_jobs: int
+    lease_s: float
+    lookahead_s: float
+    headroom: float = RATE_HEADROOM
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Outcomes to write (dicts with id, token, outcome, delay, code, message, sid,
+    status, channel) and their side effects on tenants, numbers and the queue."""
+
+    rows: list[Row]
+    conversations: list[str] = field(default_factory=list)
+    pauses: Sequence[tuple[str, str]] = ()
+    suppressions: Sequence[tuple[str, str, str]] = ()
+    throttle_s: float | None = None
+
+
+@dataclass
+class CycleResult:
+    claimed: list[Row]
+    applied: list[Row]
+    # Seconds until a rate slot opens / the next delayed head is due (claims only).
+    rate_wait: float | None = None
+    due_wait: float | None = None
+
+
+async def cycle(
+    conn: Conn,
+    *,
+    queue: str,
+    outcomes: Outcomes | None = None,
+    release: Sequence[int] = (),
+    claim: Claim | None = None,
+    notify: str | None = None,
+) -> CycleResult:
+    """One transaction, sent as one pipeline (one round trip plus the commit), under the
+    queue lock: write outcomes, promote the next heads, drop the conversation locks of
+    the finished sends, claim new heads, and say when to look again. The dispatcher runs
+    one per turn of its loop, so a job's completion and its successor's claim share a
+    commit.
+
+    Locks are dropped before the commit on purpose: the job is still active (and ours)
+    until then, and the rescuer leaves alone every job whose worker is connected, while
+    a worker that sees the promoted head right after the commit finds its lock free.
+    `notify` is the payload of the wake-up sent when outcomes were written."""
+    result = CycleResult(claimed=[], applied=[])
+    async with conn.pipeline(), conn.transaction():
+        await conn.execute(sql("lock_queue"), {"queue": queue})
+        applied = None
+        if outcomes is not None and outcomes.rows:
+            applied = await _write_outcomes(conn, queue, outcomes)
+        if release:
+            await conn.execute(sql("release_locks"), {"keys": list(release)})
+        claimed = hints = None
+        if claim is not None and claim.max_jobs > 0:
+            claimed = await conn.execute(
+                sql("claim_jobs"),
+                {
+                    "queue": queue,
+                    "worker_id": claim.worker_id,
+                    "max_jobs": claim.max_jobs,
+                    "lease": claim.lease_s,
+                    "lookahead": claim.lookahead_s,
+                    "headroom": claim.headroom,
+                },
+            )
+            hints = await conn.execute(sql("claim_hints"), {"queue": queue})
+        if applied is not None and notify is not None:
+            await conn.execute(sql("notify_queue"), {"queue": queue, "payload": notify})
+    if applied is not None:
+        result.applied = await applied.fetchall()
+    if claimed is not None and hints is not None:
+        result.claimed = await claimed.fetchall()
+        row = await hints.fetchone()
+        if row is not None:
+            result.rate_wait, result.due_wait = row["rate_wait"], row["due_wait"]
+    return result
+
+
 async def claim_jobs(
     conn: Conn,
     *,
@@ -73,22 +160,9 @@ async def claim_jobs(
     lookahead_s: float,
     headroom: float = RATE_HEADROOM,
 ) -> list[Row]:
-    """Claim heads under the queue lock: lock_queue then claim_jobs in one transaction,
-    sent as one pipeline (one round trip plus the commit)."""
-    async with conn.pipeline(), conn.transaction():
-        await conn.execute(sql("lock_queue"), {"queue": queue})
-        cur = await conn.execute(
-            sql("claim_jobs"),
-            {
-                "queue": queue,
-                "worker_id": worker_id,
-                "max_jobs": max_jobs,
-                "lease": lease_s,
-                "lookahead": lookahead_s,
-                "headroom": headroom,
-            },
-        )
-    return await cur.fetchall()
+    """Claim heads under the queue lock, in a transaction of its own."""
+    claim = Claim(worker_id, max_jobs, lease_s, lookahead_s, headroom)
+    return (await cycle(conn, queue=queue, claim=claim)).claimed
 
 
 async def reslot(conn: Conn, *, queue: str, headroom: float = RATE_HEADROOM) -> float:
@@ -108,53 +182,39 @@ async def complete_jobs(
     throttle_s: float | None = None,
     notify: bool = True,
 ) -> list[Row]:
-    """Apply outcomes (dicts with id, token, outcome, delay, code, message, sid, status,
-    channel) in one transaction, sent as one pipeline: side effects first (a paused
+    """Apply outcomes in a transaction of their own (see `cycle`). Returns the jobs that
+    were still ours; the others were rescued meanwhile and are left untouched."""
+    batch = Outcomes(outcomes, conversations, pauses, suppressions, throttle_s)
+    done = await cycle(conn, queue=queue, outcomes=batch, notify="" if notify else None)
+    return done.applied
+
+
+async def _write_outcomes(conn: Conn, queue: str, outcomes: Outcomes) -> psycopg.AsyncCursor[Row]:
+    """Queue the outcome statements in the open pipeline: side effects first (a paused
     tenant is paused before its released job is claimable again), then complete_jobs,
-    then promote_heads for the conversations whose head finished.
-
-    `conversations` may name conversations whose job turned out not to be ours any more;
-    promote_heads leaves a conversation that still has its head alone. Returns the jobs
-    that were still ours; the others were rescued meanwhile and are left untouched."""
-    if not outcomes:
-        return []
-
-    def col(key: str) -> list[Any]:
-        return [o.get(key) for o in outcomes]
-
-    async with conn.pipeline(), conn.transaction():
-        await conn.execute(sql("lock_queue"), {"queue": queue})
-        for tenant_id, reason in pauses:
-            await conn.execute(sql("pause_tenant"), {"tenant_id": tenant_id, "reason": reason})
-        for tenant_id, phone, code in suppressions:
-            await conn.execute(
-                sql("suppress_number"),
-                {"tenant_id": tenant_id, "phone_number": phone, "code": code},
-            )
-        if throttle_s:
-            await conn.execute(sql("throttle_queue"), {"queue": queue, "seconds": throttle_s})
-        cur = await conn.execute(
-            sql("complete_jobs"),
-            {
-                "queue": queue,
-                "ids": col("id"),
-                "tokens": col("token"),
-                "outcomes": col("outcome"),
-                "delays": [float(o.get("delay") or 0.0) for o in outcomes],
-                "codes": col("code"),
-                "messages": col("message"),
-                "sids": col("sid"),
-                "statuses": col("status"),
-                "channels": col("channel"),
-            },
+    then promote_heads for the conversations whose head finished. `conversations` may
+    name conversations whose job turned out not to be ours any more; promote_heads
+    leaves a conversation that still has its head alone."""
+    for tenant_id, reason in outcomes.pauses:
+        await conn.execute(sql("pause_tenant"), {"tenant_id": tenant_id, "reason": reason})
+    for tenant_id, phone, code in outcomes.suppressions:
+        await conn.execute(
+            sql("suppress_number"),
+            {"tenant_id": tenant_id, "phone_number": phone, "code": code},
         )
-        if conversations:
-            await conn.execute(
-                sql("promote_heads"), {"queue": queue, "conversations": sorted(conversations)}
-            )
-        if notify:
-            await conn.execute(sql("notify_queue"), {"queue": queue})
-    return await cur.fetchall()
+    if outcomes.throttle_s:
+        await conn.execute(sql("throttle_queue"), {"queue": queue, "seconds": outcomes.throttle_s})
+    rows = [
+        {**o, "token": str(o["token"]), "delay": float(o.get("delay") or 0.0)}
+        for o in outcomes.rows
+    ]
+    cur = await conn.execute(sql("complete_jobs"), {"queue": queue, "outcomes": Jsonb(rows)})
+    if outcomes.conversations:
+        await conn.execute(
+            sql("promote_heads"),
+            {"queue": queue, "conversations": sorted(outcomes.conversations)},
+        )
+    return cur
 
 
 async def release_locks(conn: Conn, keys: list[int]) -> None:

@@ -212,7 +212,6 @@ jobs = Table(
         unique=True,
         postgresql_where=text("idempotency_key IS NOT NULL"),
     ),
-    Index("jobs_active", "queue", postgresql_where=text("state = 'active'")),
     Index("jobs_tenant_created", "tenant_id", "created_at"),
 )
 
@@ -225,7 +224,6 @@ job_history = Table(
     Column("finished_at", TZ, nullable=False, server_default=NOW),
     PrimaryKeyConstraint("id", "finished_at", name="job_history_pkey"),
     CheckConstraint("state IN ('completed', 'failed')", name="job_history_state_finished"),
-    Index("job_history_id", "id"),
     Index("job_history_provider_sid", "provider_sid"),
     Index(
         "job_history_idempotency",

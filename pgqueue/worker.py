@@ -58,9 +58,12 @@ async def listen(
     on_notify: Callable[[], None],
     stop: asyncio.Event,
     application_name: str,
+    own_payload: str | None = None,
 ) -> None:
-    """LISTEN on the queue's channel and call `on_notify` for each notification;
-    reconnects by itself. Polling in the dispatcher covers the gaps."""
+    """LISTEN on the queue's channel and call `on_notify` for each notification but the
+    ones this worker sent itself (payload `own_payload`: it claimed in the same
+    transaction that sent them); reconnects by itself. Polling in the dispatcher covers
+    the gaps."""
     while not stop.is_set():
         try:
             conn = await connect(url, application_name=application_name)
@@ -70,8 +73,9 @@ async def listen(
                 )
                 on_notify()  # anything sent while we were away
                 while not stop.is_set():
-                    async for _ in conn.notifies(timeout=1.0):
-                        on_notify()
+                    async for n in conn.notifies(timeout=1.0):
+                        if own_payload is None or n.payload != own_payload:
+                            on_notify()
             finally:
                 await conn.close()
         except psycopg.OperationalError as e:
@@ -172,6 +176,7 @@ class Worker:
                     dispatcher.wake,
                     self.stop,
                     cfg.application_name,
+                    own_payload=cfg.worker_id,
                 )
             ),
             asyncio.create_task(rescuer.run(self.stop)),
