@@ -97,6 +97,8 @@ class Dispatcher:
         self._claiming = True
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
         self._paused_until = 0.0  # epoch s; set by a provider's 429
+        self._reslot_waiters: list[asyncio.Future[float]] = []
+        self._reslot_task: asyncio.Task[None] | None = None
 
     # -- the lock connection -------------------------------------------------------------
 
@@ -350,14 +352,35 @@ class Dispatcher:
             start_at = await self._reslot()
 
     async def _reslot(self) -> float:
+        """A new rate slot. Sends that miss their slots together (the process was starved
+        of CPU) share one statement: the first asks, the others join its request."""
         self.stats.reslotted += 1
+        waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._reslot_waiters.append(waiter)
+        if len(self._reslot_waiters) == 1:
+            self._reslot_task = asyncio.create_task(self._reslot_batch(), name="reslot")
+        slot = await waiter
+        log.info("rate slot missed; new slot in %.0f ms", (slot - time.time()) * 1000)
+        return slot
 
-        async def reslot(conn: queries.Conn) -> float:
-            return await queries.reslot(conn, queue=self.config.queue)
+    async def _reslot_batch(self) -> None:
+        # Let the other sends woken in this same tick join first.
+        await asyncio.sleep(0)
+        waiters, self._reslot_waiters = self._reslot_waiters, []
 
-        result: float = await self.with_connection(reslot)
-        log.info("rate slot missed; new slot in %.0f ms", (result - time.time()) * 1000)
-        return result
+        async def reslot(conn: queries.Conn) -> list[float]:
+            return await queries.reslot(conn, queue=self.config.queue, n=len(waiters))
+
+        try:
+            slots: list[float] = await self.with_connection(reslot)
+        except Exception as e:  # the sends waiting for the slots fail with it
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(e)
+            return
+        for w, slot in zip(waiters, slots, strict=True):
+            if not w.done():
+                w.set_result(slot)
 
     # -- completing ----------------------------------------------------------------------
 

@@ -5,11 +5,8 @@ Never a secret, never more than a short preview of a message's text.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
-import logging.handlers
-import queue
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -45,36 +42,15 @@ class PlainFormatter(logging.Formatter):
         return line
 
 
-class _PassThroughQueueHandler(logging.handlers.QueueHandler):
-    """Hands each record to the writer thread as it is, so that formatting happens there
-    too (the stock QueueHandler formats in the caller's thread)."""
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
-
-
-_listener: logging.handlers.QueueListener | None = None
-
-
 def setup_logging(fmt: str = "plain", level: int = logging.INFO) -> None:
-    """Log lines go to stderr from a writer thread: a worker writes two lines per message,
-    and formatting and writing them there overlaps with the event loop waiting on the
-    database instead of adding to every turn of it. Lines still queued at exit are
-    written then (atexit)."""
-    global _listener
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
-    if _listener is None:
-        atexit.register(_stop_listener)
-    _stop_listener()
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, handler)
-    _listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [_PassThroughQueueHandler(records)]
+    root.handlers[:] = [handler]
     root.setLevel(level)
-    # Skip what no line of ours shows (the caller's frame, thread and process names),
-    # as the logging HOWTO's optimisation section suggests.
+    # A worker writes two lines per message: skip what no line of ours shows (the
+    # caller's frame, thread and process names), as the logging HOWTO's optimisation
+    # section suggests. (Writing from a thread instead cost more CPU than it saved.)
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
@@ -82,12 +58,6 @@ def setup_logging(fmt: str = "plain", level: int = logging.INFO) -> None:
     # The SDK and HTTP libraries log request lines (with account SIDs) at INFO.
     for noisy in ("twilio", "httpx", "aiohttp", "psycopg.pool", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _stop_listener() -> None:
-    global _listener
-    if _listener is not None and _listener._thread is not None:
-        _listener.stop()
 
 
 def job_event(event: str, message: str, **fields: Any) -> None:

@@ -165,10 +165,15 @@ async def claim_jobs(
     return (await cycle(conn, queue=queue, claim=claim)).claimed
 
 
-async def reslot(conn: Conn, *, queue: str, headroom: float = RATE_HEADROOM) -> float:
-    """A fresh rate slot for a job that missed its own; returns its start (epoch s)."""
-    row = await fetch_one(conn, "reslot", {"queue": queue, "headroom": headroom})
-    return time.time() if row is None else float(row["start_at"])
+async def reslot(
+    conn: Conn, *, queue: str, n: int = 1, headroom: float = RATE_HEADROOM
+) -> list[float]:
+    """`n` fresh rate slots for jobs that missed their own; returns their starts (epoch s)."""
+    row = await fetch_one(conn, "reslot", {"queue": queue, "n": n, "headroom": headroom})
+    if row is None:
+        return [time.time()] * n
+    first, spacing = float(row["start_at"]), float(row["spacing"])
+    return [first + i * spacing for i in range(n)]
 
 
 async def complete_jobs(

@@ -809,15 +809,17 @@ SELECT tenant_id FROM token;
 
 
 -- name: reslot
--- A claimed job missed its start slot (its worker's event loop was busy): it takes the
--- next free slot instead of starting late and crowding the slots after it (G4).
+-- Claimed jobs missed their start slots (their worker's event loop was busy): they take
+-- the next %(n)s free slots instead of starting late and crowding the slots after them
+-- (G4). Returns the first new slot and the spacing of the others.
 UPDATE pgqueue.queues
 SET rate_tat = greatest(rate_tat, clock_timestamp())
-               + make_interval(secs => 1.0 / (rate_per_second * %(headroom)s))
+               + make_interval(secs => %(n)s / (rate_per_second * %(headroom)s))
 WHERE name = %(queue)s
 RETURNING extract(epoch FROM rate_tat
-                  - make_interval(secs => 1.0 / (rate_per_second * %(headroom)s)))::float8
-          AS start_at;
+                  - make_interval(secs => %(n)s / (rate_per_second * %(headroom)s)))::float8
+          AS start_at,
+          (1.0 / (rate_per_second * %(headroom)s))::float8 AS spacing;
 
 
 -- === Dashboard ===
