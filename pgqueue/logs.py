@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +34,18 @@ class JsonFormatter(logging.Formatter):
 class PlainFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # Two lines per message: format each second's date and time once.
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = (
+                second,
+                time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)),
+            )
+        return f"{self._stamp},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -122,9 +122,7 @@ async def cycle(
         applied = None
         if outcomes is not None and outcomes.rows:
             applied = await _write_outcomes(conn, queue, outcomes)
-        if release:
-            await conn.execute(sql("release_locks"), {"keys": list(release)})
-        claimed = hints = None
+        claimed = None
         if claim is not None and claim.max_jobs > 0:
             claimed = await conn.execute(
                 sql("claim_jobs"),
@@ -137,16 +135,21 @@ async def cycle(
                     "headroom": claim.headroom,
                 },
             )
-            hints = await conn.execute(sql("claim_hints"), {"queue": queue})
-        if applied is not None and notify is not None:
-            await conn.execute(sql("notify_queue"), {"queue": queue, "payload": notify})
+        end = await conn.execute(
+            sql("turn_end"),
+            {
+                "queue": queue,
+                "release": list(release),
+                "notify": notify if applied is not None else None,
+            },
+        )
     if applied is not None:
         result.applied = await applied.fetchall()
-    if claimed is not None and hints is not None:
+    if claimed is not None:
         result.claimed = await claimed.fetchall()
-        row = await hints.fetchone()
-        if row is not None:
-            result.rate_wait, result.due_wait = row["rate_wait"], row["due_wait"]
+    row = await end.fetchone()
+    if row is not None:
+        result.rate_wait, result.due_wait = row["rate_wait"], row["due_wait"]
     return result
 
 

@@ -260,17 +260,25 @@ CROSS JOIN q
 ORDER BY c.slot;
 
 
--- name: claim_hints
--- When a claim came back short: when the next rate slot opens and when the next
--- delayed head becomes due, so the worker sleeps exactly that long. The clock is read
--- in a subquery so that it can bound the index scan (a bare clock_timestamp() is a
--- filter over every head).
-SELECT extract(epoch FROM rate_tat - clock_timestamp())::float8 AS rate_wait,
+-- name: turn_end
+-- The end of a dispatcher turn, in one statement: drop the conversation locks of the
+-- sends whose outcomes were just written (their jobs stay active, and ours, until the
+-- commit, and the rescuer leaves a connected worker's jobs alone), wake the other
+-- workers if outcomes freed anything (the payload names the sender, which ignores its
+-- own wake-up), and, for a claim that came back short, say when the next rate slot opens
+-- and when the next delayed head becomes due, so the worker sleeps exactly that long.
+-- The clock is read in a subquery so that it can bound the index scan (a bare
+-- clock_timestamp() is a filter over every head).
+SELECT (SELECT count(*) FILTER (WHERE pg_advisory_unlock(k))
+        FROM unnest(%(release)s::bigint[]) AS k) AS released,
+       CASE WHEN %(notify)s::text IS NOT NULL
+            THEN pg_notify('pgqueue_' || %(queue)s, %(notify)s::text) END AS notified,
+       extract(epoch FROM q.rate_tat - clock_timestamp())::float8 AS rate_wait,
        (SELECT extract(epoch FROM min(j.run_at) - clock_timestamp())::float8
         FROM pgqueue.jobs j
         WHERE j.queue = %(queue)s AND j.is_head AND j.state <> 'active'
           AND j.run_at > (SELECT clock_timestamp())) AS due_wait
-FROM pgqueue.queues WHERE name = %(queue)s;
+FROM pgqueue.queues q WHERE q.name = %(queue)s;
 
 
 -- name: complete_jobs
