@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import subprocess
 import sys
@@ -208,3 +209,68 @@ async def test_worker_waits_for_an_unreachable_database_and_stops_cleanly() -> N
     assert not task.done()  # still trying, not crashed
     worker.stop.set()
     assert await asyncio.wait_for(task, 10) == 0
+
+
+async def held_locks(conn: Any, backend_pid: int) -> int:
+    rows = await q(
+        conn,
+        "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = %s",
+        backend_pid,
+    )
+    return int(rows[0]["n"])
+
+
+async def test_a_turn_completes_a_head_and_claims_its_successor_under_one_lock(
+    db_url: str, conn: Any
+) -> None:
+    """The dispatcher's turn writes an outcome, promotes the next message, claims it and
+    drops the finished send's lock in one transaction. Session locks count: the
+    conversation must stay locked while its new head is in flight, and be free after."""
+    await add_tenants(conn, 1)
+    await send(conn, "t0", 1, text="first")
+    await send(conn, "t0", 1, text="second")
+    worker, claimed = await claim_as(db_url, "turns-1")
+    pid = worker.info.backend_pid
+    assert [r["body"] for r in claimed] == ["first"] and claimed[0]["locked"]
+    first = claimed[0]
+    claim = queries.Claim("turns-1", max_jobs=5, lease_s=60, lookahead_s=5)
+    done = queries.Outcomes(
+        [{"id": first["id"], "token": first["claim_token"], "outcome": "completed", "sid": "SM1"}],
+        [first["conversation"]],
+    )
+    turn = await queries.cycle(
+        worker, queue="whatsapp-send", outcomes=done, release=[first["lock_key"]], claim=claim
+    )
+    assert [r["id"] for r in turn.applied] == [first["id"]]
+    assert [r["body"] for r in turn.claimed] == ["second"] and turn.claimed[0]["locked"]
+    assert await held_locks(conn, pid) == 1  # the conversation is still held, once
+    second = turn.claimed[0]
+    done = queries.Outcomes(
+        [
+            {
+                "id": second["id"],
+                "token": second["claim_token"],
+                "outcome": "completed",
+                "sid": "SM2",
+            }
+        ],
+        [second["conversation"]],
+    )
+    turn = await queries.cycle(
+        worker, queue="whatsapp-send", outcomes=done, release=[second["lock_key"]], claim=claim
+    )
+    assert turn.claimed == [] and await held_locks(conn, pid) == 0
+    counts = await q(conn, "SELECT active, completed_total FROM pgqueue.tenants")
+    assert (counts[0]["active"], counts[0]["completed_total"]) == (0, 2)
+    await worker.close()
+
+
+async def test_missed_slots_are_replaced_by_consecutive_new_ones(conn: Any) -> None:
+    await conn.execute("UPDATE pgqueue.queues SET rate_per_second = 10, rate_tat = now()")
+    spacing = 1 / (10 * queries.RATE_HEADROOM)
+    slots = await queries.reslot(conn, queue="whatsapp-send", n=3)
+    assert len(slots) == 3 and slots[0] >= time.time() - 1
+    assert [round(b - a, 6) for a, b in itertools.pairwise(slots)] == [round(spacing, 6)] * 2
+    # The next ones start after those three: no slot is handed out twice.
+    later = await queries.reslot(conn, queue="whatsapp-send", n=1)
+    assert later[0] >= slots[2] + spacing - 1e-6
