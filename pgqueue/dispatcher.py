@@ -38,7 +38,7 @@ log = logging.getLogger("pgqueue.dispatcher")
 
 RECONNECT_MAX_S = 1.0
 # A send may start at most this long after its rate slot; later, it takes a new slot.
-MAX_LATE_S = 0.008
+MAX_LATE_S = 0.006
 
 
 @dataclass(frozen=True)

@@ -142,11 +142,11 @@ SELECT name FROM pgqueue.queues WHERE name = %(queue)s FOR UPDATE;
 --    ones this claim hands out, then the tenant served longest ago (G6), then seq;
 --  * at most the free global slots (G3);
 --  * rate (G4): starts are paced by GCRA on the database clock, one every
---    1 / (h * R) seconds (h = %(headroom)s, 0.975), each job carrying the moment
+--    1 / (h * R) seconds (h = %(headroom)s, 0.978), each job carrying the moment
 --    (`start_at`) it may start. Evenly spaced starts put at most ceil(h * R * (1 s +
 --    jitter)) <= R of them in any 1-second window as long as the jitter between start_at
---    and the request reaching the provider stays under 1/h - 1 = 25 ms, and still
---    deliver 97.5 %% of R. (A token bucket of capacity R would allow 2R in one second.)
+--    and the request reaching the provider stays under 1/h - 1 = 22.5 ms, and still
+--    deliver 97.8 %% of R. (A token bucket of capacity R would allow 2R in one second.)
 --    The dispatcher never starts a send more than a few ms after its slot: a late one
 --    takes a new slot (reslot). Slots are handed out at most %(lookahead)s seconds
 --    ahead, so a slot held by a job waiting for its start keeps a concurrency slot
