@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -295,7 +296,8 @@ class Dispatcher:
                 # lease ran out): sending now could overlap its send. Give the job back.
                 entry.outcome = Outcome("release", code="conversation-busy")
                 return
-            slot = await self._wait_for_slot(job.start_at.timestamp())
+            late_ok = job.late_ok
+            slot = await self._wait_for_slot(job.start_at.timestamp(), late_ok)
             job_event(
                 "processing",
                 f"processing job {job.id}",
@@ -307,13 +309,13 @@ class Dispatcher:
             result: Any
             while True:
                 try:
-                    with slot_deadline(slot + MAX_LATE_S):
+                    with slot_deadline(math.inf if late_ok else slot + MAX_LATE_S):
                         async with asyncio.timeout(self.config.send_timeout_s):
                             result = await self.provider.send(job)
                 except SlotMissed:
                     # Nothing went out: building the request took too long. Try again
                     # in a fresh slot rather than start late.
-                    slot = await self._wait_for_slot(await self._reslot())
+                    slot = await self._wait_for_slot(await self._reslot(), late_ok)
                     continue
                 except asyncio.CancelledError:
                     raise
@@ -335,10 +337,11 @@ class Dispatcher:
             self._done.append(entry)
             self._done_event.set()
 
-    async def _wait_for_slot(self, start_at: float) -> float:
+    async def _wait_for_slot(self, start_at: float, late_ok: bool = False) -> float:
         """Sleep until the job's rate slot and return it; if the event loop wakes us too
         late, take a new slot rather than start late (a late start would bunch up with
-        the next slots and put more than R starts into one second, G4)."""
+        the next slots and put more than R starts into one second, G4), unless the rate
+        is far enough above the global limit that lateness cannot matter (`late_ok`)."""
         while True:
             delay = start_at - time.time()
             if delay > 0:
@@ -347,7 +350,7 @@ class Dispatcher:
                 await asyncio.sleep(self._paused_until - time.time())
                 start_at = await self._reslot()
                 continue
-            if time.time() - start_at <= MAX_LATE_S:
+            if late_ok or time.time() - start_at <= MAX_LATE_S:
                 return start_at
             start_at = await self._reslot()
 

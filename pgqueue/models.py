@@ -76,6 +76,9 @@ class Job:
     auth_token: str = field(repr=False)
     fallback_content_sid: str | None = None
     fallback_variable: str | None = None
+    # The rate is so far above what can be in flight that a late start cannot break G4
+    # (claim_jobs in queries.sql): no need to take a new slot when late.
+    late_ok: bool = False
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:

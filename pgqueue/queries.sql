@@ -151,10 +151,15 @@ SELECT name FROM pgqueue.queues WHERE name = %(queue)s FOR UPDATE;
 --    takes a new slot (reslot). Slots are handed out at most %(lookahead)s seconds
 --    ahead, so a slot held by a job waiting for its start keeps a concurrency slot
 --    busy only briefly, and a crash wastes little of the budget;
+--    Lateness matters only while the rate can bind, though: in any window, the starts
+--    are at most its slots (h * R + 1) plus the late ones of earlier slots, and those
+--    are jobs in flight, at most the global limit G. When h * R + 1 + G <= R, no
+--    lateness can break G4, and `late_ok` tells the dispatcher so (a lifted rate);
 --  * the conversation's advisory lock is taken in the same statement (G9): a job is
 --    never active and committed while its owner does not hold that lock.
 WITH q AS (
     SELECT name, global_concurrency, tenant_concurrency, active,
+           rate_per_second * (1 - %(headroom)s) >= global_concurrency + 1 AS late_ok,
            clock_timestamp() AS now,
            greatest(rate_tat, clock_timestamp()) AS base,
            1.0 / (rate_per_second * %(headroom)s) AS spacing
@@ -249,7 +254,7 @@ WITH q AS (
 SELECT c.id, c.queue, c.tenant_id, c.conversation, c.priority, c.to_number, c.from_number,
        c.body, c.content_sid, c.content_variables, c.message_type, c.attempts,
        c.max_attempts, c.claim_token, c.start_at, c.created_at, c.idempotency_key,
-       extract(epoch FROM c.start_at - q.now)::float8 AS start_delay,
+       extract(epoch FROM c.start_at - q.now)::float8 AS start_delay, q.late_ok,
        t.account_sid, t.auth_token, t.whatsapp_from, t.fallback_content_sid,
        t.fallback_variable,
        hashtextextended(c.queue || chr(31) || c.conversation, 0) AS lock_key,

@@ -274,3 +274,22 @@ async def test_missed_slots_are_replaced_by_consecutive_new_ones(conn: Any) -> N
     # The next ones start after those three: no slot is handed out twice.
     later = await queries.reslot(conn, queue="whatsapp-send", n=1)
     assert later[0] >= slots[2] + spacing - 1e-6
+
+
+async def test_lateness_is_forgiven_only_where_it_cannot_break_the_rate(
+    db_url: str, conn: Any
+) -> None:
+    """A late start bunches with later slots; that can only put R + 1 starts into a
+    second while h * R + 1 + G > R (G late jobs at most: the ones in flight)."""
+    await add_tenants(conn, 1)
+    for to in range(4):
+        await send(conn, "t0", to)
+    seen = {}
+    for rate in (80, 900, 1000, 1_000_000):
+        await conn.execute(
+            "UPDATE pgqueue.queues SET rate_per_second = %s, global_concurrency = 20", (rate,)
+        )
+        worker, rows = await claim_as(db_url, f"late-{rate}", n=1)
+        seen[rate] = rows[0]["late_ok"]
+        await worker.close()  # the job stays active; the next claim takes another head
+    assert seen == {80: False, 900: False, 1000: True, 1_000_000: True}
