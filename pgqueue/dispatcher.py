@@ -233,7 +233,14 @@ class Dispatcher:
                 if self._done or (want and len(result.claimed) >= want):
                     continue  # more to write, or maybe more to claim right now
                 if want:
-                    for hint in (result.rate_wait, result.due_wait):
+                    rate_wait = result.rate_wait
+                    if rate_wait is not None and rate_wait > self.config.lookahead_s / 2:
+                        # Slots are handed out `lookahead_s` ahead: come back while the
+                        # next one is still half of that ahead, so the send waits for its
+                        # slot rather than the slot for the claim (a late start would
+                        # cost the slot, G4).
+                        rate_wait -= self.config.lookahead_s / 2
+                    for hint in (rate_wait, result.due_wait):
                         if hint is not None and hint > 0:
                             wait = min(wait, hint)
                     wait = max(wait, 0.001)
