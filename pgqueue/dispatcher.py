@@ -2,8 +2,10 @@
 
 One dispatcher per worker process. It owns the process's *lock connection*: claims run
 there, so the conversation advisory locks they take (G1, G9) belong to this process's
-session and vanish with it. Completions run there too, batched: every outcome that
-arrived while the previous batch was being written goes into the next transaction.
+session and vanish with it. Its loop works in turns, one transaction each
+(queries.cycle): the outcomes that arrived since the last turn are written, their locks
+dropped, and the slots they freed claimed again, so a job's completion and its
+successor's claim share one round trip and one commit.
 
 A lost lock connection (network blip, database restart) does not lose anything: sends
 in flight keep going, their outcomes wait in memory, and once reconnected the dispatcher
