@@ -19,7 +19,7 @@ in that order). Every figure is printed with its target and PASS or MISS.
    finished_at). PgQueuer 1.6 (one worker, batch_size 10, max_concurrent_tasks 20) and
    Procrastinate 3.10 (one worker, concurrency 20) process 20,000 no-op jobs in the same
    run, each in a fresh process: first handler call to the worker's return.
-3. claim: queries.claim_jobs (+ complete_jobs releasing what it claimed, not timed, so
+3. claim: queries.claim_jobs (+ queries.cycle releasing what it claimed, not timed, so
    the state resets) timed many times on one connection with 1,000 queued jobs (100
    tenants x 10 conversations x 1) and with 1,000,000 (100 tenants x 1,000
    conversations x 10), rows built by INSERT ... SELECT generate_series exactly as
@@ -585,16 +585,14 @@ async def time_claims(ctx: Ctx, claims: int, warmup: int = 30) -> dict[str, list
                 lookahead_s=DispatcherConfig().lookahead_s,
             )
             t1 = clock()
-            await queries.complete_jobs(
+            await queries.cycle(
                 conn,
                 queue=QUEUE,
-                notify=False,
-                conversations=[],
-                outcomes=[
-                    {"id": r["id"], "token": r["claim_token"], "outcome": "release"} for r in rows
-                ],
+                outcomes=queries.Outcomes(
+                    [{"id": r["id"], "token": r["claim_token"], "outcome": "release"} for r in rows]
+                ),
+                release=[r["lock_key"] for r in rows if r["locked"]],
             )
-            await queries.release_locks(conn, [r["lock_key"] for r in rows if r["locked"]])
             t2 = clock()
             if i >= warmup:
                 claim_s.append(t1 - t0)

@@ -162,11 +162,13 @@ class Dispatcher:
     def claim_tokens(self) -> list[uuid.UUID]:
         return [f.job.claim_token for f in self._in_flight.values()]
 
-    def _want(self) -> int:
-        """How many jobs to claim now: the free local slots, at most one batch."""
+    def _want(self, freed: int = 0) -> int:
+        """How many jobs to claim now: the free local slots, counting `freed` finished
+        sends whose outcomes the same transaction writes, at most one batch."""
         if not self._claiming:
             return 0
-        return max(min(self.config.concurrency - len(self._in_flight), self.config.batch_size), 0)
+        free = self.config.concurrency - len(self._in_flight) + freed
+        return max(min(free, self.config.batch_size), 0)
 
     async def turn(self) -> queries.CycleResult:
         """One turn of the loop, in one transaction: write the outcomes that arrived since
@@ -175,12 +177,9 @@ class Dispatcher:
         batch, self._done = self._done, []
         self._done_event.clear()
         outcomes = self._outcomes(batch)
-        # Finished sends free their slots in this very transaction.
-        free = self.config.concurrency - len(self._in_flight) + len(batch)
-        want = min(free, self.config.batch_size) if self._claiming else 0
         claim = queries.Claim(
             worker_id=self.config.worker_id,
-            max_jobs=want,
+            max_jobs=self._want(freed=len(batch)),
             lease_s=self.config.lease_s,
             lookahead_s=self.config.lookahead_s,
         )

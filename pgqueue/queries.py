@@ -225,8 +225,3 @@ async def _write_outcomes(conn: Conn, queue: str, outcomes: Outcomes) -> psycopg
             {"queue": queue, "conversations": sorted(outcomes.conversations)},
         )
     return cur
-
-
-async def release_locks(conn: Conn, keys: list[int]) -> None:
-    if keys:
-        await conn.execute(sql("release_locks"), {"keys": keys})

@@ -390,12 +390,6 @@ CROSS JOIN LATERAL (
 WHERE j.id = nxt.id AND NOT nxt.is_head;
 
 
--- name: release_locks
--- Drops this worker's conversation locks for jobs it no longer holds.
-SELECT count(*) FILTER (WHERE pg_advisory_unlock(k)) AS released
-FROM unnest(%(keys)s::bigint[]) AS k;
-
-
 -- name: retake_locks
 -- After the lock connection was lost (network blip, database restart): take back the
 -- conversation locks of the jobs this worker still holds under its claim tokens.
