@@ -33,7 +33,7 @@ from pgqueue import queries
 from pgqueue.completion import decide
 from pgqueue.db import connect
 from pgqueue.errors import first_line
-from pgqueue.logs import job_event
+from pgqueue.logs import DeferredJobLog
 from pgqueue.models import Job, Outcome
 from pgqueue.providers import Provider, SlotMissed, slot_deadline
 
@@ -102,6 +102,7 @@ class Dispatcher:
         self._paused_until = 0.0  # epoch s; set by a provider's 429
         self._reslot_waiters: list[asyncio.Future[float]] = []
         self._reslot_task: asyncio.Task[None] | None = None
+        self._job_log = DeferredJobLog()
 
     # -- the lock connection -------------------------------------------------------------
 
@@ -193,6 +194,7 @@ class Dispatcher:
                 release=release,
                 claim=claim,
                 notify=self.config.worker_id,
+                on_sent=self._job_log.flush,  # written while the server works
             )
 
         try:
@@ -290,6 +292,7 @@ class Dispatcher:
                 await asyncio.sleep(0.1)
 
     async def close(self) -> None:
+        self._job_log.flush()
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
@@ -306,7 +309,7 @@ class Dispatcher:
                 return
             late_ok = job.late_ok
             slot = await self._wait_for_slot(job.start_at.timestamp(), late_ok)
-            job_event(
+            self._job_log.add(
                 "processing",
                 f"processing job {job.id}",
                 job_id=job.id,
@@ -431,7 +434,7 @@ class Dispatcher:
         common: dict[str, Any] = {"job_id": job.id, "tenant": job.tenant_id}
         if outcome.kind == "completed":
             self.stats.completed += 1
-            job_event(
+            self._job_log.add(
                 "completed",
                 f"job {job.id} completed",
                 sid=outcome.sid,
@@ -440,7 +443,7 @@ class Dispatcher:
             )
         elif outcome.kind == "retry":
             self.stats.retried += 1
-            job_event(
+            self._job_log.add(
                 "retry",
                 f"job {job.id} retry scheduled in {outcome.delay:.1f}s",
                 attempt=job.attempts,
@@ -450,7 +453,7 @@ class Dispatcher:
             )
         elif outcome.kind == "failed":
             self.stats.failed += 1
-            job_event(
+            self._job_log.add(
                 "failed",
                 f"job {job.id} failed",
                 code=outcome.code,
@@ -460,4 +463,4 @@ class Dispatcher:
             )
         else:
             self.stats.released += 1
-            job_event("released", f"job {job.id} released", code=outcome.code, **common)
+            self._job_log.add("released", f"job {job.id} released", code=outcome.code, **common)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -107,6 +107,7 @@ async def cycle(
     release: Sequence[int] = (),
     claim: Claim | None = None,
     notify: str | None = None,
+    on_sent: Callable[[], None] | None = None,
 ) -> CycleResult:
     """One transaction, sent as one pipeline (one round trip plus the commit), under the
     queue lock: write outcomes, promote the next heads, drop the conversation locks of
@@ -117,7 +118,8 @@ async def cycle(
     Locks are dropped before the commit on purpose: the job is still active (and ours)
     until then, and the rescuer leaves alone every job whose worker is connected, while
     a worker that sees the promoted head right after the commit finds its lock free.
-    `notify` is the payload of the wake-up sent when outcomes were written."""
+    `notify` is the payload of the wake-up sent when outcomes were written. `on_sent` runs
+    once the statements are on their way, so the caller's own work overlaps the server's."""
     result = CycleResult(claimed=[], applied=[])
     async with conn.pipeline(), conn.transaction():
         await conn.execute(sql("lock_queue"), {"queue": queue})
@@ -145,6 +147,8 @@ async def cycle(
                 "notify": notify if applied is not None else None,
             },
         )
+        if on_sent is not None:
+            on_sent()
     if applied is not None:
         result.applied = await applied.fetchall()
     if claimed is not None:
