@@ -95,8 +95,8 @@ class Dispatcher:
         self._conn_lock = asyncio.Lock()
         self._in_flight: dict[int, _InFlight] = {}
         self._done: list[_InFlight] = []
-        self._wake = asyncio.Event()
-        self._done_event = asyncio.Event()
+        # Set by a wake-up (NOTIFY), a finished send, or stop: the loop has work.
+        self._attention = asyncio.Event()
         self._claiming = True
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
         self._paused_until = 0.0  # epoch s; set by a provider's 429
@@ -176,7 +176,6 @@ class Dispatcher:
         the last turn, then claim what the slots they freed (and any others) allow, and
         start those sends."""
         batch, self._done = self._done, []
-        self._done_event.clear()
         outcomes = self._outcomes(batch)
         claim = queries.Claim(
             worker_id=self.config.worker_id,
@@ -215,13 +214,25 @@ class Dispatcher:
         return result
 
     def wake(self) -> None:
-        self._wake.set()
+        self._attention.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim, send and complete until `stop` is set; then stop claiming and return.
         The caller drains with `drain()`, which keeps writing outcomes."""
+
+        async def on_stop() -> None:
+            await stop.wait()
+            self._attention.set()
+
+        watcher = asyncio.create_task(on_stop())
+        try:
+            await self._loop(stop)
+        finally:
+            watcher.cancel()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self._wake.clear()
+            self._attention.clear()
             wait = self.config.poll_interval_s
             want = self._want()
             if self._done or want:
@@ -247,14 +258,10 @@ class Dispatcher:
                         if hint is not None and hint > 0:
                             wait = min(wait, hint)
                     wait = max(wait, 0.001)
-            waits = {
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(self._wake.wait()),
-                asyncio.ensure_future(self._done_event.wait()),
-            }
-            await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+            # One event and a timer: this wait runs once per turn.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._attention.wait()
 
     async def drain(self, timeout: float) -> int:
         """Stop claiming; let sends in flight finish (at most `timeout` seconds) and write
@@ -346,7 +353,7 @@ class Dispatcher:
             if entry.outcome is None:
                 entry.outcome = Outcome("release", code="internal-error")
             self._done.append(entry)
-            self._done_event.set()
+            self._attention.set()
 
     async def _wait_for_slot(self, start_at: float, late_ok: bool = False) -> float:
         """Sleep until the job's rate slot and return it; if the event loop wakes us too
