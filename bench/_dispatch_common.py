@@ -46,6 +46,12 @@ DEFAULT_LIMITS = Limits()
 LIFTED_LIMITS = Limits(rate=1e6, global_concurrency=1000, tenant_concurrency=1000)
 
 
+def is_local(url: str) -> bool:
+    """Whether the server of `url` runs on this machine (its processes can be measured)."""
+    host = str(psycopg.conninfo.conninfo_to_dict(url).get("host") or "")
+    return host in ("", "localhost", "127.0.0.1", "::1") or host.startswith("/")
+
+
 def tenant_name(t: int) -> str:
     return f"restaurant-{t:03d}"
 
@@ -170,6 +176,15 @@ class PgqueueDb:
 
     def completed(self) -> int:
         return int(self.scalar("SELECT coalesce(sum(completed_total), 0) FROM pgqueue.tenants"))
+
+    def worker_backends(self) -> list[int]:
+        """The server processes of the workers' connections, if the server runs here."""
+        if not is_local(self.url):
+            return []
+        rows = self.sql(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pgqueue-worker:%%'"
+        )
+        return [r[0] for r in rows]
 
     def live_workers(self) -> int:
         return int(self.scalar("SELECT count(*) FROM pgqueue.workers"))

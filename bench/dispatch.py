@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -288,12 +289,14 @@ async def pgqueue_throughput(ctx: Ctx, n_workers: int, jobs: int, run: int) -> d
         await asyncio.sleep(2.0 if rss else 0.5)
         if rss:
             rss.start()  # idle until the tenants are let go
+        cpu = CpuSplit([p.pid for p in procs], db.worker_backends())
         db.pause_all(False)
         try:
             db.wait_completed(n, timeout=300, procs=procs, interval=0.2)
         finally:
             if rss:
                 ctx.memory.append(rss.stop())
+        workers_s, backends_s = cpu.used()
     row = db.sql(
         "SELECT count(*), extract(epoch FROM max(finished_at) - min(started_at))::float8,"
         " count(*) FILTER (WHERE state <> 'completed') FROM pgqueue.job_history"
@@ -303,7 +306,41 @@ async def pgqueue_throughput(ctx: Ctx, n_workers: int, jobs: int, run: int) -> d
             f"pgqueue: {row[0]} jobs in history, {row[2]} not completed; expected {n}"
         )
     reslots = count_reslots(logs)
-    return {"jobs": n, "seconds": row[1], "rate": n / row[1], "reslots": reslots}
+    return {
+        "jobs": n,
+        "seconds": row[1],
+        "rate": n / row[1],
+        "reslots": reslots,
+        "worker_ms": workers_s * 1000 / n * 20,
+        "backend_ms": backends_s * 1000 / n * 20,
+    }
+
+
+class CpuSplit:
+    """CPU time the worker processes and their database sessions (this machine's
+    server only) use from now on: where a turn's time goes, in a figure less noisy
+    than a rate."""
+
+    def __init__(self, workers: Sequence[int], backends: Sequence[int]) -> None:
+        import psutil
+
+        self._procs = [[psutil.Process(p) for p in pids] for pids in (workers, backends)]
+        self._start = [self._cpu(group) for group in self._procs]
+
+    @staticmethod
+    def _cpu(group: Sequence[Any]) -> float:
+        import psutil
+
+        total = 0.0
+        for p in group:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def used(self) -> tuple[float, float]:
+        w, b = (self._cpu(g) - s for g, s in zip(self._procs, self._start, strict=True))
+        return w, b
 
 
 def _asyncpg_params(url: str) -> dict[str, Any]:
@@ -467,6 +504,7 @@ async def fig_throughput(ctx: Ctx) -> Section:
     systems = ["pgqueue 1 worker", "pgqueue 2 workers", *ctx.args.peers]
     rates: dict[str, list[float]] = {s: [] for s in systems}
     reslots: dict[str, list[float]] = {s: [] for s in systems if s.startswith("pgqueue")}
+    cpu: dict[str, list[tuple[float, float]]] = {}
     for r in range(ctx.args.runs):
         turn = r % len(systems)
         for sysname in systems[turn:] + systems[:turn]:
@@ -476,6 +514,7 @@ async def fig_throughput(ctx: Ctx) -> Section:
             if sysname.startswith("pgqueue"):
                 res = await pgqueue_throughput(ctx, int(sysname.split()[1]), jobs, r)
                 reslots[sysname].append(res["reslots"])
+                cpu.setdefault(sysname, []).append((res["worker_ms"], res["backend_ms"]))
             else:
                 res = await peer_throughput(ctx, sysname, jobs)
             rates[sysname].append(res["rate"])
@@ -501,6 +540,12 @@ async def fig_throughput(ctx: Ctx) -> Section:
         )
         s.lines.append(
             Line(f"pgqueue 2 workers / {peer}", f"{med['pgqueue 2 workers'] / med[peer]:.2f}x")
+        )
+    for sysname, split in cpu.items():
+        s.details.append(
+            f"{sysname}: CPU per 20 jobs (one turn's worth), median: worker processes "
+            f"{median([w for w, _ in split]):.2f} ms, their database sessions "
+            f"{median([b for _, b in split]):.2f} ms"
         )
     for sysname in systems:
         s.details.append(
