@@ -7,6 +7,7 @@ job's next state. Providers never see the database.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -15,7 +16,10 @@ from typing import Protocol
 
 from pgqueue.models import Job, SendResult
 
-_slot_deadline: ContextVar[float | None] = ContextVar("pgqueue_slot_deadline", default=None)
+# (not before, not after), epoch s: when this send's first request may go on the wire.
+_slot_window: ContextVar[tuple[float, float] | None] = ContextVar(
+    "pgqueue_slot_window", default=None
+)
 
 
 class SlotMissed(Exception):
@@ -23,26 +27,35 @@ class SlotMissed(Exception):
 
 
 @contextlib.contextmanager
-def slot_deadline(deadline: float) -> Iterator[None]:
-    """The latest moment (epoch s) this send's first request may go on the wire."""
-    token = _slot_deadline.set(deadline)
+def slot_deadline(deadline: float, start: float = 0.0) -> Iterator[None]:
+    """The window (epoch s) in which this send's first request may go on the wire: not
+    before `start` (a provider that waits at the wire is woken a little early), not after
+    `deadline`."""
+    token = _slot_window.set((start, deadline))
     try:
         yield
     finally:
-        _slot_deadline.reset(token)
+        _slot_window.reset(token)
 
 
-def check_slot() -> None:
-    """Call right before a request goes on the wire: raises SlotMissed when the rate slot
-    has passed (the dispatcher then takes a new one). Only a send's first request is
-    checked, so a follow-up request of the same send (a fallback template) cannot loop.
+async def wait_for_slot() -> None:
+    """Await right before a request goes on the wire: holds it until the rate slot starts
+    and raises SlotMissed when the slot has passed (the dispatcher then takes a new one).
+    Only a send's first request is checked, so a follow-up request of the same send (a
+    fallback template) cannot loop.
 
-    The later this check sits, the less jitter reaches the provider: CPU time spent
-    building the request on a loaded machine would otherwise push starts together."""
-    deadline = _slot_deadline.get()
-    if deadline is None:
+    The later this sits, the less jitter reaches the provider: CPU time spent building
+    the request on a loaded machine would otherwise push starts together. A provider that
+    calls it sets `waits_for_slot = True`, and the dispatcher then wakes its sends
+    SLOT_LEAD_S before their slots, so that building the request happens before the slot
+    instead of eating into the few ms a send may be late."""
+    window = _slot_window.get()
+    if window is None:
         return
-    _slot_deadline.set(None)
+    _slot_window.set(None)
+    start, deadline = window
+    while (early := start - time.time()) > 0:
+        await asyncio.sleep(early)
     if time.time() > deadline:
         raise SlotMissed
 

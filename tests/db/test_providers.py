@@ -532,3 +532,19 @@ async def test_a_missed_rate_slot_sends_nothing(provider: TwilioProvider, fake: 
     with slot_deadline(time.time() - 1), pytest.raises(SlotMissed):
         await provider.send(make_job())
     assert len(fake.records()) == 1
+
+
+async def test_a_send_woken_early_waits_for_its_slot_at_the_wire(
+    provider: TwilioProvider, fake: FakeTwilio
+) -> None:
+    """The dispatcher wakes Twilio sends SLOT_LEAD_S early to build the request; the
+    request itself must not reach the provider before the slot (G4), on a new connection
+    or a kept-alive one."""
+    from pgqueue.providers import slot_deadline
+
+    assert provider.waits_for_slot
+    for _ in range(2):
+        start = time.time() + 0.2
+        with slot_deadline(start + 5, start=start):
+            await provider.send(make_job())
+        assert fake.records()[-1].t >= start
