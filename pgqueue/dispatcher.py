@@ -45,6 +45,10 @@ MAX_LATE_S = 0.006
 # A provider that waits for the slot at the wire (providers.wait_for_slot) is woken this
 # long before it, to build its request meanwhile (the Twilio SDK takes a few ms of CPU).
 SLOT_LEAD_S = 0.005
+# A slot this far ahead comes from a provider pause (claims hand out slots at most
+# lookahead_s ahead, reslots of every send in flight a few hundred ms); it is taken again
+# when it comes near, so that a pause committed meanwhile applies to it too.
+FAR_SLOT_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,13 @@ class Dispatcher:
         except BaseException:
             self._done[:0] = batch  # written by the next turn
             raise
+        if outcomes.throttle_s:
+            # Committed: from now on no worker is handed a slot inside the pause.
+            log.warning(
+                "queue %s paused for %.1f s: the provider asked to slow down",
+                self.config.queue,
+                outcomes.throttle_s,
+            )
         mine = {r["id"] for r in result.applied}
         for entry in batch:
             self._in_flight.pop(entry.job.id, None)
@@ -367,6 +378,10 @@ class Dispatcher:
         is far enough above the global limit that lateness cannot matter (`late_ok`)."""
         while True:
             delay = start_at - self._lead - time.time()
+            if delay > FAR_SLOT_S:
+                await asyncio.sleep(delay - self.config.lookahead_s)
+                start_at = await self._reslot(missed=False)
+                continue
             if delay > 0:
                 await asyncio.sleep(delay)
             if time.time() < self._paused_until:
@@ -377,16 +392,22 @@ class Dispatcher:
                 return start_at
             start_at = await self._reslot()
 
-    async def _reslot(self) -> float:
+    async def _reslot(self, missed: bool = True) -> float:
         """A new rate slot. Sends that miss their slots together (the process was starved
-        of CPU) share one statement: the first asks, the others join its request."""
-        self.stats.reslotted += 1
+        of CPU) share one statement: the first asks, the others join its request.
+        `missed=False`: a far slot taken again (FAR_SLOT_S), not a miss."""
+        if missed:
+            self.stats.reslotted += 1
         waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._reslot_waiters.append(waiter)
         if len(self._reslot_waiters) == 1:
             self._reslot_task = asyncio.create_task(self._reslot_batch(), name="reslot")
         slot = await waiter
-        log.info("rate slot missed; new slot in %.0f ms", (slot - time.time()) * 1000)
+        log.info(
+            "%s; new slot in %.0f ms",
+            "rate slot missed" if missed else "rate slot taken again after a provider pause",
+            (slot - time.time()) * 1000,
+        )
         return slot
 
     async def _reslot_batch(self) -> None:
