@@ -75,12 +75,8 @@ def setup_logging(fmt: str = "plain", level: int = logging.INFO) -> None:
 
 
 def _level(event: str) -> int:
+    """`event` is one of processing, completed, retry, failed, released."""
     return logging.WARNING if event in ("failed", "retry", "released") else logging.INFO
-
-
-def job_event(event: str, message: str, **fields: Any) -> None:
-    """`event` is one of enqueued, processing, completed, retry, failed, released."""
-    job_log.log(_level(event), message, extra={"fields": {"event": event, **fields}})
 
 
 class DeferredJobLog:
