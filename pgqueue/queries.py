@@ -35,9 +35,12 @@ def statements() -> dict[str, str]:
     parts = _NAME.split(text)
     out: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        # Comments stay in the file for readers; the server gets the statement only.
-        lines = [ln for ln in body.splitlines() if not ln.lstrip().startswith("--")]
-        out[name] = "\n".join(lines).strip().rstrip(";")
+        # Comments and indentation stay in the file for readers; the server gets the
+        # statement only. Short texts matter: psycopg caches the conversion of its
+        # placeholders only for statements up to 4 KiB, and claim_jobs runs every turn.
+        lines = [ln.strip() for ln in body.splitlines()]
+        kept = [ln for ln in lines if ln and not ln.startswith("--")]
+        out[name] = "\n".join(kept).rstrip(";")
     return out
 
 
