@@ -269,19 +269,22 @@ def recording_worker(
     )
 
 
-def noop_worker(url: str, log: Path, *, concurrency: int = 20) -> subprocess.Popen[bytes]:
-    """The production worker with a provider that returns at once (bench/noop_worker.py)."""
-    return _spawn(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "noop_worker.py"),
-            "--url",
-            url,
-            "--concurrency",
-            str(concurrency),
-        ],
-        log,
-    )
+def noop_worker(
+    url: str, log: Path, *, concurrency: int = 20, turn_times: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """The production worker with a provider that returns at once (bench/noop_worker.py);
+    with `turn_times`, it writes there where its full turns' time went."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "noop_worker.py"),
+        "--url",
+        url,
+        "--concurrency",
+        str(concurrency),
+    ]
+    if turn_times is not None:
+        cmd += ["--turn-times", str(turn_times)]
+    return _spawn(cmd, log)
 
 
 def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -283,7 +283,9 @@ async def pgqueue_throughput(ctx: Ctx, n_workers: int, jobs: int, run: int) -> d
     n = len(await db.enqueue(backlog(range(TP_TENANTS), TP_PHONES, per_conv)))
     ctx.notes.update(db.settle())
     logs = [ctx.path(f"tp-{n_workers}w-{run}-{i}.log") for i in range(n_workers)]
-    with workers([noop_worker(db.url, log) for log in logs]) as procs:
+    # One worker runs in lock-step with its database session: say where a turn goes.
+    turn_times = ctx.path(f"tp-{n_workers}w-{run}-turns.json") if n_workers == 1 else None
+    with workers([noop_worker(db.url, log, turn_times=turn_times) for log in logs]) as procs:
         db.wait_workers(n_workers)
         rss = RssSampler(procs[0].pid) if n_workers == 1 else None
         await asyncio.sleep(2.0 if rss else 0.5)
@@ -306,7 +308,11 @@ async def pgqueue_throughput(ctx: Ctx, n_workers: int, jobs: int, run: int) -> d
             f"pgqueue: {row[0]} jobs in history, {row[2]} not completed; expected {n}"
         )
     reslots = count_reslots(logs)
+    turns = (
+        json.loads(turn_times.read_text()) if turn_times is not None and turn_times.exists() else {}
+    )
     return {
+        **turns,
         "jobs": n,
         "seconds": row[1],
         "rate": n / row[1],
@@ -505,6 +511,7 @@ async def fig_throughput(ctx: Ctx) -> Section:
     rates: dict[str, list[float]] = {s: [] for s in systems}
     reslots: dict[str, list[float]] = {s: [] for s in systems if s.startswith("pgqueue")}
     cpu: dict[str, list[tuple[float, float]]] = {}
+    turns: list[dict[str, float]] = []
     for r in range(ctx.args.runs):
         turn = r % len(systems)
         for sysname in systems[turn:] + systems[:turn]:
@@ -515,6 +522,8 @@ async def fig_throughput(ctx: Ctx) -> Section:
                 res = await pgqueue_throughput(ctx, int(sysname.split()[1]), jobs, r)
                 reslots[sysname].append(res["reslots"])
                 cpu.setdefault(sysname, []).append((res["worker_ms"], res["backend_ms"]))
+                if "turns" in res:
+                    turns.append(res)
             else:
                 res = await peer_throughput(ctx, sysname, jobs)
             rates[sysname].append(res["rate"])
@@ -546,6 +555,15 @@ async def fig_throughput(ctx: Ctx) -> Section:
             f"{sysname}: CPU per 20 jobs (one turn's worth), median: worker processes "
             f"{median([w for w, _ in split]):.2f} ms, their database sessions "
             f"{median([b for _, b in split]):.2f} ms"
+        )
+    if turns:
+        s.details.append(
+            "pgqueue 1 worker: a turn of 20 claims, medians of the runs' medians: queueing its "
+            f"statements {median([t['queue_ms'] for t in turns]):.2f} ms, job log lines "
+            f"while the server works {median([t['on_sent_ms'] for t in turns]):.2f} ms, "
+            f"waiting for the server {median([t['server_ms'] for t in turns]):.2f} ms, "
+            f"between turns {median([t['between_ms'] for t in turns]):.2f} ms "
+            f"({runs_note([t['turns'] for t in turns])} such turns)"
         )
     for sysname in systems:
         s.details.append(
