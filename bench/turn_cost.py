@@ -56,7 +56,8 @@ def server_cpu(pid: int) -> Callable[[], float] | None:
 
 async def measure(url: str, batch: int, turns: int) -> dict[str, tuple[float, float | None]]:
     """Median wall ms and mean server CPU ms of each statement over `turns` turns."""
-    conn = await connect(url, application_name="pgqueue-worker:turn-cost")
+    # Connected as the dispatcher connects its lock connection.
+    conn = await connect(url, application_name="pgqueue-worker:turn-cost", generic_plans=True)
     wall: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     row = await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone()

@@ -120,7 +120,9 @@ class Dispatcher:
         delay = 0.05
         while True:
             try:
-                self._conn = await connect(self.url, application_name=self.config.application_name)
+                self._conn = await connect(
+                    self.url, application_name=self.config.application_name, generic_plans=True
+                )
                 break
             except psycopg.OperationalError as e:
                 log.warning("lock connection: cannot connect (%s); retrying", first_line(e))
