@@ -63,6 +63,8 @@ TENANT_LIMIT = 5
 GLOBAL_LIMIT = 20
 RATE = 80
 API_TIMEOUT_S = 10.0
+# The fake Twilio runs ahead of the load it measures where allowed (Cluster.start_fake).
+FAKE_NICE = -10
 ADMIN_TOKEN = "chaos-admin-token-0123456789"
 
 
@@ -544,6 +546,7 @@ class Cluster:
         self.rss = RssSampler()
         self.fake: Proc | None = None
         self.fake_url = ""
+        self.fake_nice = 0
         self.fake_stdout: IO[bytes] | None = None
         self.api: Proc | None = None
         self.api_url = ""
@@ -587,6 +590,20 @@ class Cluster:
             stdout=subprocess.PIPE,
         )
         self.fake = proc
+        # The fake stands for a provider on other machines. Starved of CPU by the load it
+        # measures, it stamps requests late and in bunches (seen in CI: two requests
+        # 17 and 25 ms after their slots, stamped within 0.6 ms of each other and of a
+        # third that was on time, after a 38.6 ms silence: 81 arrivals in 993 ms), and
+        # the 1-second windows count the jitter of the measuring instrument, not of the
+        # senders. Ahead of the load, it stamps what reaches its socket: a worker that
+        # writes late still shows late, since the workers, the API and the database keep
+        # their priority. Raising it needs root (CI) or CAP_SYS_NICE; without, the fake
+        # runs as before and the report says so.
+        try:
+            os.setpriority(os.PRIO_PROCESS, proc.popen.pid, FAKE_NICE)
+            self.fake_nice = FAKE_NICE
+        except OSError:
+            self.fake_nice = os.getpriority(os.PRIO_PROCESS, proc.popen.pid)
         assert proc.popen.stdout is not None
         self.fake_stdout = proc.popen.stdout
         line = await asyncio.wait_for(asyncio.to_thread(self.fake_stdout.readline), 30)
@@ -1066,7 +1083,10 @@ def guarantee_rows(
 
 
 def rss_rows(c: Cluster) -> list[Row]:
-    rows = [Row("peak RSS, fake Twilio", f"{c.rss.peak_mb('fake-twilio'):.0f} MB")]
+    rows = [
+        Row("fake Twilio's scheduling priority (nice)", str(c.fake_nice)),
+        Row("peak RSS, fake Twilio", f"{c.rss.peak_mb('fake-twilio'):.0f} MB"),
+    ]
     if c.api is not None:
         rows.append(Row("peak RSS, API", f"{c.rss.peak_mb('api'):.0f} MB"))
     workers = sorted(
