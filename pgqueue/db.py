@@ -160,5 +160,9 @@ async def connect(
         url, autocommit=True, row_factory=dict_row, application_name=application_name
     )
     if generic_plans:
-        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        try:
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+        except BaseException:
+            await conn.close()
+            raise
     return conn

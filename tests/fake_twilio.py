@@ -30,6 +30,7 @@ import base64
 import binascii
 import contextlib
 import json
+import queue
 import random
 import re
 import signal
@@ -39,7 +40,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from email.utils import formatdate
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -116,6 +117,35 @@ class _Rule:
     to: str | None
 
 
+class _RecordWriter:
+    """Appends the JSON lines from a thread of their own. A write to a file can block
+    for tens of ms while the kernel flushes dirty pages (the database's checkpoints and
+    WAL share the disk); in the event loop, that stalled the stamping of arrivals and
+    made requests look bunched (a soak run saw 81 arrivals in 999 ms: a 73.6 ms silence
+    of the fake, in which the workers' logs show three sends of three workers reaching
+    their slots, then five arrivals within 2.7 ms)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a", encoding="utf-8")
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="fake-twilio-records")
+        self._thread.start()
+
+    def write(self, line: str) -> None:
+        self._lines.put(line)
+
+    def close(self) -> None:
+        self._lines.put(None)
+        self._thread.join()
+        self._file.close()
+
+    def _run(self) -> None:
+        while (line := self._lines.get()) is not None:
+            self._file.write(line)
+            # Flushed per line: a benchmark in another process tails this file.
+            self._file.flush()
+
+
 class FakeTwilio:
     def __init__(
         self,
@@ -150,7 +180,7 @@ class FakeTwilio:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._closing: asyncio.Event | None = None
-        self._record_file: IO[str] | None = None
+        self._records: _RecordWriter | None = None
 
     def _reset_counters(self) -> None:
         self.requests: list[Record] = []
@@ -286,7 +316,7 @@ class FakeTwilio:
         """Start listening on the running loop (the standalone process calls this)."""
         self._closing = asyncio.Event()
         if self.record_path is not None:
-            self._record_file = self.record_path.open("a", encoding="utf-8")
+            self._records = _RecordWriter(self.record_path)
         app = web.Application()
         app.router.add_post(r"/{version}/Accounts/{account}/Messages.json", self._messages)
         app.router.add_get("/_fake/stats", self._stats)
@@ -309,9 +339,9 @@ class FakeTwilio:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._record_file is not None:
-            self._record_file.close()
-            self._record_file = None
+        if self._records is not None:
+            self._records.close()
+            self._records = None
 
     # -- the Messages API -----------------------------------------------------------
 
@@ -379,10 +409,8 @@ class FakeTwilio:
             )
             self.in_flight_by_to[to] = self.in_flight_by_to.get(to, 1) - 1
             self.counts[rec.outcome] = self.counts.get(rec.outcome, 0) + 1
-        if self._record_file is not None:
-            self._record_file.write(json.dumps(rec.as_json()) + "\n")
-            # Flushed per line: a benchmark in another process tails this file.
-            self._record_file.flush()
+        if self._records is not None:
+            self._records.write(json.dumps(rec.as_json()) + "\n")
 
     def _error(
         self,
