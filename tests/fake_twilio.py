@@ -121,10 +121,10 @@ class _Rule:
 class _RecordWriter:
     """Appends the JSON lines from a thread of their own. A write to a file can block
     for tens of ms while the kernel flushes dirty pages (the database's checkpoints and
-    WAL share the disk); in the event loop, that stalled the stamping of arrivals and
-    made requests look bunched (a soak run saw 81 arrivals in 999 ms: a 73.6 ms silence
-    of the fake, in which the workers' logs show three sends of three workers reaching
-    their slots, then five arrivals within 2.7 ms)."""
+    WAL share the disk); in the event loop, that would stall the stamping of arrivals
+    and make requests look bunched. A soak run saw 81 arrivals in 999 ms: a 73.6 ms
+    silence of the fake, in which the workers' logs show three sends of three workers
+    reaching their slots, then five arrivals within 2.7 ms."""
 
     def __init__(self, path: Path) -> None:
         self._file = path.open("a", encoding="utf-8")
