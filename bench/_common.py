@@ -96,11 +96,17 @@ def _drop(conn: psycopg.Connection[Any], dbname: str) -> None:
 
 
 @contextmanager
-def scratch_database(url: str, dbname: str, *, keep: bool = False) -> Iterator[str]:
-    """A new, empty database on the server of `url`; dropped on exit unless `keep`."""
+def scratch_database(
+    url: str, dbname: str, *, keep: bool = False, template: str | None = None
+) -> Iterator[str]:
+    """A new database on the server of `url`, empty or a copy of `template` (a database
+    nobody is connected to); dropped on exit unless `keep`."""
+    create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname))
+    if template is not None:
+        create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
     with psycopg.connect(url, autocommit=True) as conn:
         _drop(conn, dbname)
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        conn.execute(create)
     try:
         yield with_dbname(url, dbname)
     finally:

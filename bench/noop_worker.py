@@ -68,8 +68,11 @@ class TurnClock:
             self.turns.append((start, sent[0], sent[1], time.perf_counter(), full))
         return result
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float] | None:
+        """Medians in ms, or None when too few full turns were seen to say anything."""
         t = [turn for turn in self.turns if turn[4]]
+        if len(t) < 3:
+            return None
         pairs = zip(self.turns, self.turns[1:], strict=False)
         gaps = [b[0] - a[3] for a, b in pairs if a[4] and b[4]]
         ms = 1000.0
@@ -102,8 +105,8 @@ async def main() -> int:
     )
     install_signal_handlers(worker.stop)
     code = await worker.run()
-    if clock is not None and sum(1 for t in clock.turns if t[4]) > 2:
-        args.turn_times.write_text(json.dumps(clock.summary()))
+    if clock is not None and (summary := clock.summary()) is not None:
+        args.turn_times.write_text(json.dumps(summary))
     return code
 
 

@@ -27,17 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from _common import redact, scratch_database, server_url
 from _dispatch_common import LIFTED_LIMITS, QUEUE, PgqueueDb, backlog, is_local
-from psycopg import sql as pgsql
 from psycopg.types.json import Jsonb
 
 from pgqueue import queries
-from pgqueue.db import connect, with_dbname
+from pgqueue.db import connect
 
 TENANTS, PHONES, PER_CONVERSATION = 10, 200, 10
 SKIP = 20  # warm-up turns left out of the figures
+# The backlog, built once; each batch size measures a copy of it.
+TEMPLATE_DB = "bench_turn_cost_base"
 
 
 def server_cpu(pid: int) -> Callable[[], float] | None:
@@ -140,7 +140,7 @@ async def main() -> int:
         p.error("the backlog holds 20,000 jobs: fewer turns or smaller batches")
     with server_url(args.database_url) as (url, source):
         print(f"server: {redact(url)} ({source})")
-        with scratch_database(url, "bench_turn_cost_base") as base:
+        with scratch_database(url, TEMPLATE_DB) as base:
             db = PgqueueDb(base)
             db.install()
             db.prepare(TENANTS, LIFTED_LIMITS)
@@ -148,24 +148,8 @@ async def main() -> int:
             db.settle()
             results = {}
             for batch in args.batch:
-                with psycopg.connect(url, autocommit=True) as c:
-                    c.execute(
-                        pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                            pgsql.Identifier("bench_turn_cost")
-                        )
-                    )
-                    c.execute(
-                        pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                            pgsql.Identifier("bench_turn_cost"),
-                            pgsql.Identifier("bench_turn_cost_base"),
-                        )
-                    )
-                try:
-                    copy = with_dbname(url, "bench_turn_cost")
+                with scratch_database(url, "bench_turn_cost", template=TEMPLATE_DB) as copy:
                     results[batch] = await measure(copy, batch, args.turns)
-                finally:
-                    with psycopg.connect(url, autocommit=True) as c:
-                        c.execute("DROP DATABASE IF EXISTS bench_turn_cost WITH (FORCE)")
     names = list(results[args.batch[0]])
     header = "statement      " + "".join(
         f"   {b:>2} jobs: wall ms / server CPU ms" for b in results
