@@ -362,6 +362,12 @@ class Dispatcher:
                 # The provider asked us to slow down: this process holds its own sends
                 # at once; the others learn it when the outcome is written.
                 self._paused_until = max(self._paused_until, time.time() + entry.outcome.throttle_s)
+                log.warning(
+                    "provider throttled job %s (Retry-After %.1f s): this worker holds its "
+                    "sends; its next turn pauses the queue",
+                    job.id,
+                    entry.outcome.throttle_s,
+                )
         except asyncio.CancelledError:
             # Cut short by a drain: the job goes back unspent; the provider may or may
             # not have taken it (at-least-once).
