@@ -60,6 +60,7 @@ from pgqueue.errors import (
 )
 from pgqueue.metrics import queue_metrics
 from pgqueue.models import Enqueued, Job, Message
+from pgqueue.statuses import apply_status
 
 log = logging.getLogger("pgqueue.api")
 
@@ -946,19 +947,12 @@ class Api:
             )
         code = first("ErrorCode")
         async with self.db() as conn:
-            changed = await queries.fetch_all(
-                conn,
-                "api_provider_status",
-                {"tenant_id": tenant_id, "sid": sid, "status": status.lower(), "error_code": code},
+            update = await apply_status(
+                conn, tenant_id=tenant_id, sid=sid, status=status, error_code=code
             )
-            if _suppresses(code) and status.lower() in ("failed", "undelivered"):
-                for job in changed:
-                    await queries.execute(
-                        conn,
-                        "suppress_number",
-                        {"tenant_id": tenant_id, "phone_number": job["to_number"], "code": code},
-                    )
-        return JSONResponse({"status": "ok", "updated": len(changed)})
+        # `held`: no message carries this SID yet (its send's completion has not
+        # committed); maintenance applies the status once it has.
+        return JSONResponse({"status": "ok", "updated": update.updated, "held": update.held})
 
     def _callback_url(self, request: Request) -> str:
         raw_path = request.scope.get("raw_path")
@@ -1037,13 +1031,6 @@ class _Form(dict[str, str]):
 
     def getall(self, name: str) -> list[str]:
         return self._all[name]
-
-
-def _suppresses(code: str | None) -> bool:
-    """A delivery that failed with this code means: do not message this number again."""
-    from pgqueue.providers.twilio import SUPPRESS_CODES
-
-    return code is not None and code.isdigit() and int(code) in SUPPRESS_CODES
 
 
 def _signed(auth_token: str, url: str, form: _Form, signature: str) -> bool:
@@ -1857,10 +1844,15 @@ def openapi_spec() -> dict[str, Any]:
                 },
                 "StatusCallbackResult": {
                     "type": "object",
-                    "required": ["status", "updated"],
+                    "required": ["status", "updated", "held"],
                     "properties": {
                         "status": {"type": "string"},
                         "updated": {"type": "integer", "minimum": 0},
+                        "held": {
+                            "type": "boolean",
+                            "description": "no message carries this SID yet; the status "
+                            "is applied once its send's completion has committed",
+                        },
                     },
                 },
                 "Status": {

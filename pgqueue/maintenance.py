@@ -5,7 +5,9 @@ so tests call it instead of sleeping.
   run it; the fencing in complete_jobs makes concurrent rescuers harmless, and running
   it everywhere means a dead leader does not delay a rescue.
 * Maintenance (under a leader lock, one per cluster): history partitions, retention,
-  forgetting dead workers and idle conversation rows, the metrics log line.
+  forgetting dead workers and idle conversation rows, the metrics log line, and every
+  few seconds the delivery statuses that arrived before their message's SID
+  (pgqueue.statuses).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import queries
 from pgqueue.dispatcher import Dispatcher
+from pgqueue.statuses import apply_early_statuses
 
 log = logging.getLogger("pgqueue.maintenance")
 metrics_log = logging.getLogger("pgqueue.metrics")
@@ -120,6 +123,7 @@ class MaintenanceReport:
     partitions_dropped: int = 0
     workers_forgotten: int = 0
     conversations_forgotten: int = 0
+    statuses_applied: int = 0
     metrics: dict[str, Any] | None = None
 
 
@@ -133,11 +137,13 @@ class Maintenance:
         *,
         queue: str,
         interval_s: float = 30.0,
+        statuses_interval_s: float = 5.0,
     ) -> None:
         self.pool = pool
         self.dispatcher = dispatcher
         self.queue = queue
         self.interval_s = interval_s
+        self.statuses_interval_s = statuses_interval_s
         self._leader = False
         dispatcher.on_reconnect(self._lost_leadership)
 
@@ -171,6 +177,7 @@ class Maintenance:
             )
             workers = await queries.execute(conn, "forget_dead_workers", {"grace": 60})
             conversations = await queries.execute(conn, "forget_idle_conversations", {})
+            statuses = await apply_early_statuses(conn)
             from pgqueue.metrics import queue_metrics
 
             metrics = await queue_metrics(conn, self.queue)
@@ -192,20 +199,41 @@ class Maintenance:
             partitions_dropped=dropped,
             workers_forgotten=workers,
             conversations_forgotten=conversations,
+            statuses_applied=statuses,
             metrics=metrics,
         )
 
+    async def apply_statuses(self) -> int | None:
+        """Only the held delivery statuses (run_once does them too); None when another
+        worker leads."""
+        if not await self._try_lead():
+            return None
+        async with self.pool.connection() as conn:
+            applied = await apply_early_statuses(conn)
+        if applied:
+            log.info("applied %d delivery status(es) that arrived before their SID", applied)
+        return applied
+
     async def run(self, stop: asyncio.Event) -> None:
-        next_run = time.monotonic()
+        next_run = next_statuses = time.monotonic()
         while not stop.is_set():
-            if time.monotonic() >= next_run:
+            now = time.monotonic()
+            if now >= next_run:
                 try:
                     await self.run_once()
                 except Exception as e:
                     log.warning("maintenance skipped: %s", e)
-                next_run = time.monotonic() + self.interval_s
+                next_run = now + self.interval_s
+            elif now >= next_statuses:
+                try:
+                    await self.apply_statuses()
+                except Exception as e:
+                    log.warning("applying held delivery statuses skipped: %s", e)
+            if now >= next_statuses:
+                next_statuses = now + self.statuses_interval_s
+            wait = max(0.0, min(next_run, next_statuses) - time.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=min(self.interval_s, 5.0))
+                await asyncio.wait_for(stop.wait(), timeout=wait)
 
 
 async def _scalar(conn: queries.Conn, query: str, params: tuple[Any, ...] = ()) -> int:

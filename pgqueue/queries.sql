@@ -724,16 +724,16 @@ LIMIT 50;
 
 -- name: api_provider_status
 -- A Twilio status callback for one of this tenant's messages. Callbacks arrive out of
--- order and may repeat, so the status only moves forward (accepted/scheduled < queued <
--- sending < sent < delivered < read); failed, undelivered and canceled end it. A repeat
--- or a late, older status changes nothing. The error code of a failed delivery is kept.
--- Finished jobs are found through history's provider_sid index; a live job (rare: only
--- while its completion commits) through the tenant's own rows.
-WITH ranks(status, rank) AS (
-    VALUES ('accepted', 1), ('scheduled', 1), ('queued', 2), ('sending', 3), ('sent', 4),
-           ('delivered', 5), ('read', 6), ('failed', 9), ('undelivered', 9), ('canceled', 9)
-), incoming AS (
-    SELECT r.status, r.rank FROM ranks r WHERE r.status = %(status)s
+-- order and may repeat, so the status only moves forward (pgqueue.provider_status_rank:
+-- accepted/scheduled < queued < sending < sent < delivered < read; failed, undelivered
+-- and canceled end it). A repeat or a late, older status changes nothing. The error code
+-- of a failed delivery is kept. Finished jobs are found through history's provider_sid
+-- index; a live job (rare: only while its completion commits) through the tenant's own
+-- rows. A SID found nowhere may belong to a send whose completion has not committed yet:
+-- the status is held (`held`) for apply_early_statuses.
+WITH incoming AS (
+    SELECT %(status)s::text AS status, pgqueue.provider_status_rank(%(status)s) AS rank
+    WHERE pgqueue.provider_status_rank(%(status)s) > 0
 ), live AS (
     UPDATE pgqueue.jobs j
     SET provider_status = i.status,
@@ -742,7 +742,7 @@ WITH ranks(status, rank) AS (
         updated_at = clock_timestamp()
     FROM incoming i
     WHERE j.tenant_id = %(tenant_id)s AND j.provider_sid = %(sid)s
-      AND i.rank > coalesce((SELECT r.rank FROM ranks r WHERE r.status = j.provider_status), 0)
+      AND i.rank > pgqueue.provider_status_rank(j.provider_status)
     RETURNING j.id, j.to_number
 ), finished AS (
     UPDATE pgqueue.job_history h
@@ -751,12 +751,55 @@ WITH ranks(status, rank) AS (
                                ELSE h.last_error_code END
     FROM incoming i
     WHERE h.provider_sid = %(sid)s AND h.tenant_id = %(tenant_id)s
-      AND i.rank > coalesce((SELECT r.rank FROM ranks r WHERE r.status = h.provider_status), 0)
+      AND i.rank > pgqueue.provider_status_rank(h.provider_status)
     RETURNING h.id, h.to_number
+), held AS (
+    INSERT INTO pgqueue.early_statuses AS e (tenant_id, provider_sid, status, error_code)
+    SELECT %(tenant_id)s, %(sid)s, i.status, CASE WHEN i.rank = 9 THEN %(error_code)s END
+    FROM incoming i
+    WHERE NOT EXISTS (SELECT FROM pgqueue.jobs j
+                      WHERE j.tenant_id = %(tenant_id)s AND j.provider_sid = %(sid)s)
+      AND NOT EXISTS (SELECT FROM pgqueue.job_history h
+                      WHERE h.provider_sid = %(sid)s AND h.tenant_id = %(tenant_id)s)
+    ON CONFLICT (tenant_id, provider_sid) DO UPDATE
+    SET status = excluded.status, error_code = coalesce(excluded.error_code, e.error_code)
+    WHERE pgqueue.provider_status_rank(excluded.status) > pgqueue.provider_status_rank(e.status)
+    RETURNING e.provider_sid
 )
-SELECT id, to_number FROM live
+SELECT id, to_number, false AS held FROM live
 UNION ALL
-SELECT id, to_number FROM finished;
+SELECT id, to_number, false FROM finished
+UNION ALL
+SELECT NULL, NULL, true FROM held;
+
+
+-- name: apply_early_statuses
+-- Maintenance: the held callbacks (api_provider_status) whose message has finished
+-- meanwhile move its status forward, as a callback arriving then would have; they are
+-- then forgotten, as are those no message claimed within %(max_age)s seconds (a SID
+-- pgqueue never recorded: another system's message on the same account, or a send
+-- whose worker died before its completion, which was sent again under a new SID).
+WITH matched AS (
+    SELECT e.tenant_id, e.provider_sid, e.status, e.error_code, h.id, h.finished_at
+    FROM pgqueue.early_statuses e
+    JOIN pgqueue.job_history h ON h.provider_sid = e.provider_sid AND h.tenant_id = e.tenant_id
+), applied AS (
+    UPDATE pgqueue.job_history h
+    SET provider_status = m.status,
+        last_error_code = CASE WHEN pgqueue.provider_status_rank(m.status) = 9
+                               THEN coalesce(m.error_code, h.last_error_code)
+                               ELSE h.last_error_code END
+    FROM matched m
+    WHERE h.id = m.id AND h.finished_at = m.finished_at
+      AND pgqueue.provider_status_rank(m.status) > pgqueue.provider_status_rank(h.provider_status)
+    RETURNING h.id, h.tenant_id, h.to_number, h.provider_status, h.last_error_code
+), forgotten AS (
+    DELETE FROM pgqueue.early_statuses e
+    WHERE EXISTS (SELECT FROM matched m
+                  WHERE m.tenant_id = e.tenant_id AND m.provider_sid = e.provider_sid)
+       OR e.received_at < clock_timestamp() - make_interval(secs => %(max_age)s)
+)
+SELECT id, tenant_id, to_number, provider_status, last_error_code FROM applied;
 
 
 -- name: api_schema_version

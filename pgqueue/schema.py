@@ -247,6 +247,20 @@ suppressions = Table(
     PrimaryKeyConstraint("tenant_id", "phone_number", name="suppressions_pkey"),
 )
 
+# Status callbacks that arrived before their message's SID was committed (Twilio can
+# call back within milliseconds of accepting a message, while the worker's completion is
+# still on its way): held here until maintenance applies them to the finished job.
+early_statuses = Table(
+    "early_statuses",
+    metadata,
+    Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("provider_sid", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("error_code", Text),
+    Column("received_at", TZ, nullable=False, server_default=NOW),
+    PrimaryKeyConstraint("tenant_id", "provider_sid", name="early_statuses_pkey"),
+)
+
 workers = Table(
     "workers",
     metadata,

@@ -17,10 +17,13 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from twilio.request_validator import RequestValidator
 
-from pgqueue import admin
+from pgqueue import admin, queries
 from pgqueue.api import create_app
 from pgqueue.config import Settings
-from pgqueue.db import make_pool
+from pgqueue.db import connect, make_pool
+from pgqueue.dispatcher import Dispatcher, DispatcherConfig
+from pgqueue.maintenance import Maintenance
+from pgqueue.statuses import apply_early_statuses
 from tests.fake_twilio import FakeTwilio
 from tests.helpers import ACCOUNT, add_tenants, phone, running_worker, wait_until_drained
 
@@ -579,6 +582,77 @@ async def test_status_callbacks_are_signed_move_forward_only_and_repeat_safely(
     sid = row["provider_sid"]
     assert await callback("undelivered", code="63024") == 1
     assert (await api.send("t0", phoneNumber=phone(2))).json()["error"] == "number_suppressed"
+
+
+async def test_a_status_that_arrives_before_the_sid_is_committed_is_held_then_applied(
+    api: Api, db_url: str, pool: AsyncConnectionPool[Any]
+) -> None:
+    # Twilio calls back within milliseconds of accepting a send; the worker's completion,
+    # which records the SID, may commit after that. Played here statement by statement:
+    # claim, callback, completion, maintenance.
+    first = (await api.send("t0", text="early")).json()["jobId"]
+    blocked = (await api.send("t0", phoneNumber=phone(2), text="blocked")).json()["jobId"]
+    worker = await connect(db_url, application_name="pgqueue-worker:early")
+    dispatcher = Dispatcher(db_url, provider=None, config=DispatcherConfig())  # type: ignore[arg-type]
+    try:
+        claimed = await queries.claim_jobs(
+            worker, queue="whatsapp-send", worker_id="early", max_jobs=5, lease_s=60, lookahead_s=5
+        )
+        assert {r["id"] for r in claimed} == {first, blocked}
+        path, token = "/api/twilio/status/t0", "secret-token-t0"
+        sids = {first: "SM" + "e" * 32, blocked: "SM" + "b" * 32}
+
+        async def callback(sid: str, status: str, code: str | None = None) -> dict[str, Any]:
+            form = {"MessageSid": sid, "MessageStatus": status, "AccountSid": ACCOUNT}
+            if code:
+                form["ErrorCode"] = code
+            r = await api.client.post(path, **_signed(path, form, token))
+            assert r.status_code == 200, r.text
+            return dict(r.json())
+
+        assert await callback(sids[first], "delivered") == {
+            "status": "ok",
+            "updated": 0,
+            "held": True,
+        }
+        assert (await callback(sids[first], "sent"))["held"] is False  # older: changes nothing
+        assert (await callback(sids[blocked], "undelivered", "63024"))["held"] is True
+        assert (await callback("SM" + "0" * 32, "read"))["held"] is True  # never ours
+
+        await queries.complete_jobs(
+            worker,
+            queue="whatsapp-send",
+            outcomes=[
+                {
+                    "id": r["id"],
+                    "token": r["claim_token"],
+                    "outcome": "completed",
+                    "sid": sids[r["id"]],
+                    "status": "queued",
+                }
+                for r in claimed
+            ],
+            conversations=sorted({r["conversation"] for r in claimed}),
+        )
+        assert await _provider_status(api.conn, sids[first]) == ("queued", None)
+
+        report = await Maintenance(pool, dispatcher, queue="whatsapp-send").run_once()
+        assert report.leader and report.statuses_applied == 2
+        assert await _provider_status(api.conn, sids[first]) == ("delivered", None)
+        assert await _provider_status(api.conn, sids[blocked]) == ("undelivered", "63024")
+        refused = await api.send("t0", phoneNumber=phone(2))
+        assert refused.json()["error"] == "number_suppressed"
+        # Applied statuses are forgotten; the SID nobody recorded waits for its age limit.
+        held = "SELECT provider_sid FROM pgqueue.early_statuses ORDER BY provider_sid"
+        rows = await (await api.conn.execute(held)).fetchall()
+        assert [r["provider_sid"] for r in rows] == ["SM" + "0" * 32]
+        assert await apply_early_statuses(api.conn, max_age_s=0) == 0
+        assert await (await api.conn.execute(held)).fetchall() == []
+        # A callback once the SID is there updates at once, as before.
+        assert await callback(sids[first], "read") == {"status": "ok", "updated": 1, "held": False}
+    finally:
+        await worker.close()
+        await dispatcher.close()
 
 
 # -- operations --------------------------------------------------------------------------
