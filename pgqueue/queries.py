@@ -6,6 +6,7 @@ only binds parameters and shapes rows.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,10 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
+
+log = logging.getLogger("pgqueue.queries")
 
 Conn: TypeAlias = psycopg.AsyncConnection[dict[str, Any]]
 Row: TypeAlias = dict[str, Any]
@@ -122,36 +126,28 @@ async def cycle(
     until then, and the rescuer leaves alone every job whose worker is connected, while
     a worker that sees the promoted head right after the commit finds its lock free.
     `notify` is the payload of the wake-up sent when outcomes were written. `on_sent` runs
-    once the statements are on their way, so the caller's own work overlaps the server's."""
+    once the statements are on their way, so the caller's own work overlaps the server's.
+
+    BEGIN and COMMIT are statements of the pipeline (on an autocommit connection) rather
+    than psycopg's transaction block, whose COMMIT would leave only at the pipeline's
+    end: the queue lock, which every worker's turn waits for, is then held only while the
+    server works, never while this process writes its log lines or waits for the CPU."""
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise psycopg.ProgrammingError("queries.cycle runs its own transaction")
     result = CycleResult(claimed=[], applied=[])
-    async with conn.pipeline(), conn.transaction():
-        await conn.execute(sql("lock_queue"), {"queue": queue})
-        applied = None
-        if outcomes is not None and outcomes.rows:
-            applied = await _write_outcomes(conn, queue, outcomes)
-        claimed = None
-        if claim is not None and claim.max_jobs > 0:
-            claimed = await conn.execute(
-                sql("claim_jobs"),
-                {
-                    "queue": queue,
-                    "worker_id": claim.worker_id,
-                    "max_jobs": claim.max_jobs,
-                    "lease": claim.lease_s,
-                    "lookahead": claim.lookahead_s,
-                    "headroom": claim.headroom,
-                },
-            )
-        end = await conn.execute(
-            sql("turn_end"),
-            {
-                "queue": queue,
-                "release": list(release),
-                "notify": notify if applied is not None else None,
-            },
-        )
-        if on_sent is not None:
-            on_sent()
+    try:
+        async with conn.pipeline():
+            await conn.execute(b"BEGIN", prepare=False)
+            applied, claimed, end = await _turn(conn, queue, outcomes, release, claim, notify)
+            await conn.execute(b"COMMIT", prepare=False)
+            if on_sent is not None:
+                try:
+                    on_sent()
+                except Exception:  # the COMMIT is on its way: report it, undo nothing
+                    log.exception("queries.cycle: on_sent failed")
+    except BaseException:
+        await _abandon(conn)
+        raise
     if applied is not None:
         result.applied = await applied.fetchall()
     if claimed is not None:
@@ -160,6 +156,64 @@ async def cycle(
     if row is not None:
         result.rate_wait, result.due_wait = row["rate_wait"], row["due_wait"]
     return result
+
+
+async def _abandon(conn: Conn) -> None:
+    """After a failed turn: roll back what the server still holds open, so the next turn
+    starts clean; a connection caught mid-command is closed (its owner reconnects)."""
+    if conn.closed:
+        return
+    status = conn.info.transaction_status
+    if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        try:
+            await conn.execute(b"ROLLBACK", prepare=False)
+            return
+        except psycopg.Error:
+            pass
+    elif status == TransactionStatus.IDLE:
+        return
+    await conn.close()
+
+
+Cursor: TypeAlias = psycopg.AsyncCursor[Row]
+
+
+async def _turn(
+    conn: Conn,
+    queue: str,
+    outcomes: Outcomes | None,
+    release: Sequence[int],
+    claim: Claim | None,
+    notify: str | None,
+) -> tuple[Cursor | None, Cursor | None, Cursor]:
+    """Queue a turn's statements in the open pipeline; returns their cursors (outcomes
+    applied, jobs claimed, the turn's end)."""
+    await conn.execute(sql("lock_queue"), {"queue": queue})
+    applied = None
+    if outcomes is not None and outcomes.rows:
+        applied = await _write_outcomes(conn, queue, outcomes)
+    claimed = None
+    if claim is not None and claim.max_jobs > 0:
+        claimed = await conn.execute(
+            sql("claim_jobs"),
+            {
+                "queue": queue,
+                "worker_id": claim.worker_id,
+                "max_jobs": claim.max_jobs,
+                "lease": claim.lease_s,
+                "lookahead": claim.lookahead_s,
+                "headroom": claim.headroom,
+            },
+        )
+    end = await conn.execute(
+        sql("turn_end"),
+        {
+            "queue": queue,
+            "release": list(release),
+            "notify": notify if applied is not None else None,
+        },
+    )
+    return applied, claimed, end
 
 
 async def claim_jobs(

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from pgqueue import queries
@@ -264,6 +265,65 @@ async def test_a_turn_completes_a_head_and_claims_its_successor_under_one_lock(
     assert turn.claimed == [] and await held_locks(conn, pid) == 0
     counts = await q(conn, "SELECT active, completed_total FROM pgqueue.tenants")
     assert (counts[0]["active"], counts[0]["completed_total"]) == (0, 2)
+    await worker.close()
+
+
+async def test_the_queue_lock_is_released_while_the_worker_still_works_on_its_turn(
+    db_url: str, conn: Any
+) -> None:
+    """Every worker's turn waits for the queue lock, so a turn holds it only while the
+    server works: its COMMIT is sent before the worker's own work (the job log) starts."""
+    await add_tenants(conn, 1)
+    await send(conn, "t0", 1)
+    worker = await connect(db_url, application_name="pgqueue-worker:lock-hold")
+    other = psycopg.connect(db_url, autocommit=True)
+    waited: list[float] = []
+
+    def meanwhile() -> None:
+        # Blocks this event loop, as a slow log write or a CPU-starved process would.
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:
+            try:
+                with other.transaction():
+                    other.execute(
+                        "SELECT 1 FROM pgqueue.queues WHERE name = 'whatsapp-send' "
+                        "FOR UPDATE NOWAIT"
+                    )
+                break
+            except psycopg.errors.LockNotAvailable:
+                time.sleep(0.005)
+        waited.append(time.monotonic() - started)
+
+    try:
+        claim = queries.Claim("lock-hold", max_jobs=5, lease_s=60, lookahead_s=5)
+        turn = await queries.cycle(worker, queue="whatsapp-send", claim=claim, on_sent=meanwhile)
+        assert len(turn.claimed) == 1
+        assert waited and waited[0] < 1.0, f"queue lock held for {waited[0]:.2f} s"
+    finally:
+        other.close()
+        await worker.close()
+
+
+async def test_a_failed_turn_is_rolled_back_and_the_next_one_runs(db_url: str, conn: Any) -> None:
+    await add_tenants(conn, 1)
+    await send(conn, "t0", 1)
+    worker, claimed = await claim_as(db_url, "failing-1")
+    bad = queries.Outcomes(
+        [{"id": claimed[0]["id"], "token": "not-a-uuid", "outcome": "completed"}]
+    )
+    with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+        await queries.cycle(worker, queue="whatsapp-send", outcomes=bad)
+    assert worker.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    # Nothing of it stayed: the queue row is free and the job still ours and active.
+    await conn.execute("SELECT 1 FROM pgqueue.queues FOR UPDATE NOWAIT")
+    job = (await q(conn, "SELECT state FROM pgqueue.jobs WHERE id = %s", claimed[0]["id"]))[0]
+    assert job["state"] == "active"
+    good = queries.Outcomes(
+        [{"id": claimed[0]["id"], "token": claimed[0]["claim_token"], "outcome": "completed"}],
+        [claimed[0]["conversation"]],
+    )
+    turn = await queries.cycle(worker, queue="whatsapp-send", outcomes=good)
+    assert [r["id"] for r in turn.applied] == [claimed[0]["id"]]
     await worker.close()
 
 
