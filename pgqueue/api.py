@@ -516,6 +516,11 @@ class Api:
             if settings.admin_token
             else None
         )
+        self._metrics_digest = (
+            hashlib.sha256(settings.metrics_token.encode()).hexdigest()
+            if settings.metrics_token
+            else None
+        )
         self._provider: Any = None
         self._head: str | None = None
         self._db_down_until = 0.0
@@ -575,6 +580,19 @@ class Api:
             return response
 
         return Route(path, endpoint, methods=methods)
+
+    def _scraper(self, request: Request) -> None:
+        """With PGQUEUE_METRICS_TOKEN set, /metrics answers only that token or the admin's."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode("utf-8", "replace")).hexdigest()
+        allowed = [d for d in (self._metrics_digest, self._admin_digest) if d is not None]
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(digest, d) for d in allowed):
+            raise HttpError(
+                401,
+                "invalid_token",
+                "/metrics needs Authorization: Bearer <PGQUEUE_METRICS_TOKEN>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     async def caller(self, request: Request) -> Caller:
         header = request.headers.get("authorization")
@@ -1008,6 +1026,8 @@ class Api:
     async def prometheus(self, request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        if self._metrics_digest is not None:
+            self._scraper(request)
         async with self.db() as conn:
             snapshot = await _snapshot(conn, self.queue)
         own = generate_latest(self.registry)
@@ -1658,11 +1678,18 @@ def openapi_spec() -> dict[str, Any]:
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",
+                    "description": "Open to anyone unless PGQUEUE_METRICS_TOKEN is set; then "
+                    "it takes that token or the admin token as a bearer token.",
                     "responses": {
                         "200": {
                             "description": "Prometheus text format",
                             "content": {"text/plain": {"schema": {"type": "string"}}},
                         },
+                        "401": _err(
+                            "PGQUEUE_METRICS_TOKEN is set and the request carries neither it "
+                            "nor the admin token",
+                            "invalid_token",
+                        ),
                         "503": _E503,
                     },
                 }

@@ -94,6 +94,9 @@ class Settings:
     twilio_api_base_url: str = "https://api.twilio.com"
     provider: Provider = "twilio"
     admin_token: str | None = None
+    # When set, GET /metrics asks for it (or the admin token) as a bearer token: its
+    # gauges name every tenant and its volume.
+    metrics_token: str | None = None
     home: Path = Path(".pgqueue")
     log_format: LogFormat = "plain"
     public_base_url: str | None = None
@@ -113,6 +116,9 @@ class Settings:
         admin_token = env.get("PGQUEUE_ADMIN_TOKEN", "").strip() or None
         if admin_token is not None and len(admin_token) < 16:
             raise ConfigError("PGQUEUE_ADMIN_TOKEN must be at least 16 characters")
+        metrics_token = env.get("PGQUEUE_METRICS_TOKEN", "").strip() or None
+        if metrics_token is not None and len(metrics_token) < 16:
+            raise ConfigError("PGQUEUE_METRICS_TOKEN must be at least 16 characters")
         provider = _choice(env, "PGQUEUE_PROVIDER", "twilio", ("twilio", "sandbox"))
         log_format = _choice(env, "PGQUEUE_LOG_FORMAT", "plain", ("plain", "json"))
         return cls(
@@ -127,6 +133,7 @@ class Settings:
             twilio_api_base_url=twilio.rstrip("/"),
             provider=provider,  # type: ignore[arg-type]
             admin_token=admin_token,
+            metrics_token=metrics_token,
             home=Path(env.get("PGQUEUE_HOME", "").strip() or ".pgqueue"),
             log_format=log_format,  # type: ignore[arg-type]
             public_base_url=_url(env, "PGQUEUE_PUBLIC_URL", ("http", "https")),

@@ -699,6 +699,31 @@ async def test_health_readiness_openapi_and_prometheus(api: Api) -> None:
     )
 
 
+async def test_metrics_ask_for_their_token_once_one_is_set(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    # /metrics names every tenant and its volume: PGQUEUE_METRICS_TOKEN closes it.
+    scrape = "metrics-token-for-tests-0123"
+    settings = Settings(admin_token=ADMIN, metrics_token=scrape)
+    async for client in _client(create_app(settings, pool)):
+
+        async def status(token: str | None, client: httpx.AsyncClient = client) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            r = await client.get("/metrics", headers=headers)
+            if r.status_code != 200:
+                assert r.json()["error"] == "invalid_token"
+                assert r.headers["www-authenticate"] == "Bearer"
+            return r.status_code
+
+        assert await status(None) == 401
+        assert await status("wrong-token-of-the-same-length") == 401
+        assert await status(scrape) == 200
+        assert await status(ADMIN) == 200
+        r = await client.get("/metrics", headers={"Authorization": f"Basic {scrape}"})
+        assert r.status_code == 401
+        assert (await client.get("/healthz")).status_code == 200  # only /metrics
+
+
 async def test_unknown_routes_and_methods_answer_json(api: Api) -> None:
     r = await api.client.get("/nope")
     assert (r.status_code, r.json()["error"]) == (404, "not_found")

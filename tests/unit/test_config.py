@@ -32,13 +32,14 @@ def test_values_are_read() -> None:
             "TWILIO_API_BASE_URL": "http://127.0.0.1:9999/",
             "PGQUEUE_PROVIDER": "sandbox",
             "PGQUEUE_ADMIN_TOKEN": "x" * 20,
+            "PGQUEUE_METRICS_TOKEN": "m" * 20,
             "PGQUEUE_HOME": "/tmp/h",
         }
     )
     assert s.queue_enabled is False and s.queue_name == "q2"
     assert s.retry_attempts == 5 and s.backoff_delay_ms == 100
     assert s.twilio_api_base_url == "http://127.0.0.1:9999"
-    assert s.provider == "sandbox"
+    assert s.provider == "sandbox" and s.metrics_token == "m" * 20
     assert str(s.home) == "/tmp/h"
 
 
@@ -54,6 +55,7 @@ def test_values_are_read() -> None:
         ({"TWILIO_API_BASE_URL": "ftp://x"}, "TWILIO_API_BASE_URL"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
         ({"PGQUEUE_ADMIN_TOKEN": "short"}, "PGQUEUE_ADMIN_TOKEN"),
+        ({"PGQUEUE_METRICS_TOKEN": "short"}, "PGQUEUE_METRICS_TOKEN"),
         ({"WHATSAPP_SEND_QUEUE_NAME": "x" * 60}, "WHATSAPP_SEND_QUEUE_NAME"),
     ],
 )
