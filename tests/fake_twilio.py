@@ -17,6 +17,13 @@ As a process (another process reads the JSON lines)::
 With no account registered every well-formed Basic auth is accepted; once one is, only
 registered (account SID, auth token) pairs are, and others get Twilio's 401 / 20003.
 
+Status callbacks: with `callbacks=("sent", "delivered")` every accepted message that
+names a StatusCallback gets those statuses posted to it, signed with the account's auth
+token as Twilio signs them: the first one before the 201 answer leaves (the race the
+queue must survive: a status for a SID it has not recorded yet), the others
+`callback_gap_s` apart after it. Each callback's HTTP status is kept in
+`callback_answers`.
+
 Fault rules, first match wins: `fail_next` (a queue, consumed one request at a time),
 then `fail_numbers` (every request to that To number), then `failure_rate`. A fault
 with `hang=True` never answers (until the client gives up or the server stops).
@@ -160,6 +167,8 @@ class FakeTwilio:
         record_path: str | Path | None = None,
         keep_records: bool = True,
         hang_s: float = 600.0,
+        callbacks: tuple[str, ...] = (),
+        callback_gap_s: float = 0.05,
     ) -> None:
         self.host = host
         self.port = port
@@ -171,6 +180,10 @@ class FakeTwilio:
         self.fail_numbers: dict[str, Fault] = {}
         self.keep_records = keep_records
         self.record_path = Path(record_path) if record_path else None
+        self.callbacks = callbacks
+        self.callback_gap_s = callback_gap_s
+        self.callback_answers: list[int] = []
+        self._callback_tasks: set[asyncio.Task[None]] = set()
 
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -484,7 +497,49 @@ class FakeTwilio:
         invalid = self._validate(rec)
         if invalid is not None:
             return self._error(rec, 400, invalid)
-        return self._created(rec)
+        response = self._created(rec)
+        if self.callbacks and rec.status_callback and rec.sid:
+            first, *later = self.callbacks
+            await self._call_back(rec, first)
+            task = asyncio.create_task(self._call_back_later(rec, later))
+            self._callback_tasks.add(task)
+            task.add_done_callback(self._callback_tasks.discard)
+        return response
+
+    async def _call_back_later(self, rec: Record, statuses: list[str]) -> None:
+        for status in statuses:
+            await asyncio.sleep(self.callback_gap_s)
+            await self._call_back(rec, status)
+
+    async def _call_back(self, rec: Record, status: str) -> None:
+        from aiohttp import ClientError, ClientSession, ClientTimeout
+        from twilio.request_validator import RequestValidator
+
+        assert rec.status_callback is not None and rec.sid is not None
+        form = {
+            "AccountSid": rec.account,
+            "ApiVersion": API_VERSION,
+            "From": rec.from_ or "",
+            "MessageSid": rec.sid,
+            "MessageStatus": status,
+            "SmsSid": rec.sid,
+            "SmsStatus": status,
+            "To": rec.to or "",
+        }
+        token = self.accounts.get(rec.account, "")
+        signature = RequestValidator(token).compute_signature(rec.status_callback, form)
+        try:
+            async with (
+                ClientSession(timeout=ClientTimeout(total=10)) as session,
+                session.post(
+                    rec.status_callback, data=form, headers={"X-Twilio-Signature": signature}
+                ) as answer,
+            ):
+                code = answer.status
+        except (ClientError, TimeoutError):
+            code = 0
+        with self._lock:
+            self.callback_answers.append(code)
 
     @staticmethod
     def _validate(rec: Record) -> int | None:

@@ -41,10 +41,10 @@ def free_port() -> int:
 
 @asynccontextmanager
 async def serving(
-    db_url: str, tmp_path: Path, **env: str
+    db_url: str, tmp_path: Path, *, port: int | None = None, **env: str
 ) -> AsyncIterator[tuple[httpx.AsyncClient, subprocess.Popen[bytes], Path]]:
     """`pgqueue serve` until the block ends; yields a client, the process and its log."""
-    port = free_port()
+    port = port or free_port()
     log = tmp_path / f"serve-{port}.log"
     environ = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("PGQUEUE_", "TWILIO_"))},
@@ -243,3 +243,61 @@ async def test_direct_send_with_the_queue_disabled(
     row = await (await conn.execute("SELECT count(*) AS n FROM pgqueue.jobs")).fetchone()
     assert row["n"] == 0
     assert "secret-token-t0" not in log.read_text()
+
+
+async def test_a_status_twilio_posts_before_its_own_answer_is_not_lost(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
+    """Twilio may call back before the worker has even read the 201 that carries the SID.
+    The fake posts "delivered" to the real API process before it answers; every message
+    must still end up delivered (held, then applied by the worker's maintenance)."""
+    from pgqueue.config import Settings
+    from pgqueue.dispatcher import DispatcherConfig
+    from pgqueue.worker import Worker, default_provider
+    from tests.helpers import ACCOUNT, wait_until_drained
+
+    await add_tenants(conn, 1)
+    token = await admin.create_token(conn, "t0")
+    auth = {"Authorization": f"Bearer {token}"}
+    port = free_port()
+    public = f"http://127.0.0.1:{port}"
+    with FakeTwilio(callbacks=("delivered",)) as twilio:
+        twilio.add_account(ACCOUNT, "secret-token-t0")
+        async with serving(db_url, tmp_path, port=port, PGQUEUE_PUBLIC_URL=public) as (
+            client,
+            _,
+            log,
+        ):
+            for i in range(12):
+                r = await client.post(
+                    "/api/whatsapp/send",
+                    json={"phoneNumber": phone(i % 4), "text": f"m{i}"},
+                    headers=auth,
+                )
+                assert r.status_code == 202, r.text
+            settings = Settings(twilio_api_base_url=twilio.base_url, public_base_url=public)
+            worker = Worker(
+                settings,
+                db_url,
+                config=DispatcherConfig(poll_interval_s=0.1),
+                provider_factory=default_provider,
+            )
+            task = asyncio.create_task(worker.run())
+            try:
+                await wait_until_drained(conn, 12)
+                deadline = time.monotonic() + 15  # maintenance applies them every 5 s
+                while True:
+                    cur = await conn.execute(
+                        "SELECT provider_status, count(*) AS n FROM pgqueue.job_history GROUP BY 1"
+                    )
+                    statuses = {r["provider_status"]: r["n"] for r in await cur.fetchall()}
+                    if statuses == {"delivered": 12} or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.2)
+            finally:
+                worker.stop.set()
+                await asyncio.wait_for(task, 30)
+        assert statuses == {"delivered": 12}
+        # Each callback reached the API before the worker knew its SID, and was accepted.
+        assert twilio.callback_answers == [200] * 12
+        assert "Traceback" not in log.read_text()
