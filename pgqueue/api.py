@@ -143,7 +143,9 @@ def error_response(exc: BaseException) -> JSONResponse:
         field = f"messages[{exc.index}]" + (f".{exc.field}" if exc.field else "")
         return _error(422, exc.code, exc.message, field=field, extra={"index": exc.index})
     if isinstance(exc, ValidationError):
-        status = 409 if exc.code in ("not_failed", "idempotency_conflict") else 422
+        status = (
+            409 if exc.code in ("not_failed", "not_cancelable", "idempotency_conflict") else 422
+        )
         return _error(status, exc.code, exc.message, field=exc.field)
     if isinstance(exc, NotFoundError):
         return _error(404, "not_found", exc.message)
@@ -871,6 +873,13 @@ class Api:
             row = await jobs.get_job(conn, job_id, tenant_id=caller.tenant_id)
         return JSONResponse(job_json(row))
 
+    async def cancel_job(self, request: Request) -> Response:
+        caller = await self.caller(request)
+        job_id = _job_id(request)
+        async with self.db() as conn:
+            await jobs.cancel_job(conn, job_id, queue=self.queue, tenant_id=caller.tenant_id)
+        return JSONResponse({"jobId": job_id, "status": "canceled"})
+
     async def retry_job(self, request: Request) -> Response:
         caller = await self.caller(request)
         job_id = _job_id(request)
@@ -1230,6 +1239,7 @@ def create_app(
         api.route("/api/queue/metrics", api.metrics, ["GET"], query=("tenant",)),
         api.route("/api/jobs", api.clean_jobs, ["DELETE"], query=("state", "olderThan", "tenant")),
         api.route("/api/jobs/{job_id}", api.get_job, ["GET"]),
+        api.route("/api/jobs/{job_id}", api.cancel_job, ["DELETE"]),
         api.route("/api/jobs/{job_id}/retry", api.retry_job, ["POST"]),
         # Query strings are part of what Twilio signs; they are checked there.
         api.route("/api/twilio/status", api.twilio_status, ["POST"], query=None),
@@ -1634,7 +1644,21 @@ def openapi_spec() -> dict[str, Any]:
                         "422": _E422_QUERY,
                         "503": _E503,
                     },
-                }
+                },
+                "delete": {
+                    "summary": "Cancel a job that has not started: it is deleted, its "
+                    "conversation's next message moves up",
+                    "security": tenant_auth,
+                    "parameters": [job_id],
+                    "responses": {
+                        "200": _json_ok("The job is canceled", "Canceled"),
+                        "401": _E401,
+                        "404": _E404,
+                        "409": _err("The job is being sent or has finished", "not_cancelable"),
+                        "422": _E422_QUERY,
+                        "503": _E503,
+                    },
+                },
             },
             "/api/jobs/{job_id}/retry": {
                 "post": {
@@ -1862,6 +1886,14 @@ def openapi_spec() -> dict[str, Any]:
                             "format": "date-time",
                             "nullable": True,
                         },
+                    },
+                },
+                "Canceled": {
+                    "type": "object",
+                    "required": ["jobId", "status"],
+                    "properties": {
+                        "jobId": {"type": "integer"},
+                        "status": {"type": "string", "enum": ["canceled"]},
                     },
                 },
                 "Deleted": {

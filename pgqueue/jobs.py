@@ -1,4 +1,4 @@
-"""Operations on jobs for people: look up, list, retry dead letters, clean them.
+"""Operations on jobs for people: look up, list, cancel, retry dead letters, clean them.
 
 Shared by the API and the CLI; a tenant scope (`tenant_id`) hides other tenants' jobs
 entirely (another tenant's id is simply not found).
@@ -11,6 +11,7 @@ from typing import Any
 
 from pgqueue import queries
 from pgqueue.errors import NotFoundError, ValidationError
+from pgqueue.logs import job_log
 from pgqueue.models import JobState
 
 MAX_LIST = 1000
@@ -80,6 +81,41 @@ async def retry_job(
         )
     await retry_failed(conn, queue=queue, ids=[job_id], tenant_id=tenant_id)
     return await get_job(conn, job_id, tenant_id=tenant_id)
+
+
+async def cancel_job(
+    conn: queries.Conn, job_id: int, *, queue: str, tenant_id: str | None = None
+) -> dict[str, Any]:
+    """Take back a message that has not started: it is deleted, and its conversation's
+    next message moves up (G1: nothing overtakes anything). A message being sent or
+    already finished cannot be canceled. Returns the job as it was."""
+    job = await get_job(conn, job_id, tenant_id=tenant_id)
+    params = {"id": job_id, "queue": queue, "tenant_id": tenant_id}
+    row = None
+    if job["state"] in (JobState.WAITING, JobState.DELAYED):
+        async with conn.transaction():
+            await queries.fetch_one(conn, "lock_job_conversation", params)
+            row = await queries.fetch_one(conn, "cancel_job", params)
+            if row is not None and row["canceled"] and row["was_head"]:
+                await queries.execute(
+                    conn, "promote_heads", {"queue": queue, "conversations": [row["conversation"]]}
+                )
+                await queries.execute(conn, "notify_queue", {"queue": queue, "payload": ""})
+    if row is None or not row["canceled"]:
+        # Claimed (active) or finished meanwhile: say what it is now.
+        now = await get_job(conn, job_id, tenant_id=tenant_id)
+        state = now["state"]
+        raise ValidationError(
+            f"job {job_id} is {state}; only waiting or delayed jobs can be canceled",
+            code="not_cancelable",
+            field="id",
+        )
+    job_log.info(
+        "job %s canceled",
+        job_id,
+        extra={"fields": {"event": "canceled", "job_id": job_id, "tenant": job["tenant_id"]}},
+    )
+    return job
 
 
 async def clean_failed(

@@ -58,7 +58,7 @@ def parse_older_than(
 
 def add_commands(subparsers: Any) -> None:
     """Add jobs, stats, doctor and suppression to `pgqueue`'s subparsers."""
-    jobs_p = subparsers.add_parser("jobs", help="list, show, retry and clean jobs")
+    jobs_p = subparsers.add_parser("jobs", help="list, show, cancel, retry and clean jobs")
     parser_class = type(jobs_p)
     jobs_sub = jobs_p.add_subparsers(dest="action", required=True, parser_class=parser_class)
     lst = jobs_sub.add_parser("list", help="newest jobs first, live and finished")
@@ -70,6 +70,8 @@ def add_commands(subparsers: Any) -> None:
     show = jobs_sub.add_parser("show", help="one job in full")
     show.add_argument("id", type=int)
     show.add_argument("--json", action="store_true")
+    cancel = jobs_sub.add_parser("cancel", help="take back a job that has not started")
+    cancel.add_argument("id", type=int)
     retry = jobs_sub.add_parser("retry", help="send failed jobs again: one ID, or --failed")
     retry.add_argument("id", type=int, nargs="?")
     retry.add_argument("--failed", action="store_true", help="every failed job")
@@ -214,6 +216,10 @@ async def _jobs(conn: queries.Conn, args: argparse.Namespace, settings: Settings
             _print_json(job)
         else:
             _print(_table(f"job {args.id}", ["field", "value"], list(job.items())))
+        return 0
+    if args.action == "cancel":
+        job = await jobs.cancel_job(conn, args.id, queue=queue)
+        print(f"job {args.id} canceled (it was {job['state']})")
         return 0
     if args.action == "retry":
         if (args.id is None) == (not args.failed):

@@ -572,6 +572,47 @@ WITH dead AS (
 SELECT id, pg_notify('pgqueue_' || %(queue)s, '') AS notified FROM revived;
 
 
+-- name: lock_job_conversation
+-- Cancel, first step: the conversation row of a live job, locked before the job itself,
+-- in the order enqueue and completion take them (conversation, then its jobs), so a
+-- cancel cannot deadlock with a worker promoting the job it cancels.
+SELECT c.conversation
+FROM pgqueue.conversations c
+WHERE (c.queue, c.conversation) = (
+    SELECT j.queue, j.conversation FROM pgqueue.jobs j
+    WHERE j.id = %(id)s AND j.queue = %(queue)s
+      AND (%(tenant_id)s::text IS NULL OR j.tenant_id = %(tenant_id)s))
+FOR UPDATE OF c;
+
+
+-- name: cancel_job
+-- Cancel, second step: a live job that no worker holds is deleted, and its
+-- conversation's count of live jobs goes down. An active job is left alone: the provider
+-- may already have it. `was_head`: the caller promotes the conversation's next message
+-- (promote_heads) in the same transaction. The job row is locked first, so a claim
+-- either took it before (state active: refused) or can no longer take it.
+WITH target AS (
+    SELECT j.id, j.conversation, j.state, j.is_head
+    FROM pgqueue.jobs j
+    WHERE j.id = %(id)s AND j.queue = %(queue)s
+      AND (%(tenant_id)s::text IS NULL OR j.tenant_id = %(tenant_id)s)
+    FOR UPDATE
+), gone AS (
+    DELETE FROM pgqueue.jobs j
+    USING target t
+    WHERE j.id = t.id AND t.state <> 'active'
+    RETURNING j.id, j.conversation
+), pending AS (
+    UPDATE pgqueue.conversations c
+    SET pending = c.pending - 1, updated_at = now()
+    FROM gone g
+    WHERE c.queue = %(queue)s AND c.conversation = g.conversation
+)
+SELECT t.id, t.conversation, t.state, t.is_head AS was_head,
+       EXISTS (SELECT 1 FROM gone) AS canceled
+FROM target t;
+
+
 -- name: clean_failed
 -- Deletes dead letters (optionally only older ones, or one tenant's).
 WITH gone AS (

@@ -502,6 +502,28 @@ async def test_jobs_are_tenant_scoped_and_dead_letters_can_be_retried_and_cleane
     assert r.json() == {"deleted": 1}
 
 
+async def test_a_job_that_has_not_started_can_be_canceled(api: Api) -> None:
+    first = (await api.send(text="one")).json()["jobId"]
+    second = (await api.send(text="two")).json()["jobId"]
+    r = await api.client.delete(f"/api/jobs/{first}", headers=api.auth("t1"))
+    assert r.status_code == 404  # another tenant's job
+    r = await api.client.delete(f"/api/jobs/{first}", headers=api.auth())
+    assert r.status_code == 200 and r.json() == {"jobId": first, "status": "canceled"}
+    assert (await api.client.get(f"/api/jobs/{first}", headers=api.auth())).status_code == 404
+    head = await (
+        await api.conn.execute("SELECT is_head FROM pgqueue.jobs WHERE id = %s", (second,))
+    ).fetchone()
+    assert head["is_head"]  # the next message moved up
+    claimed = await queries.claim_jobs(
+        api.conn, queue="whatsapp-send", worker_id="w", max_jobs=1, lease_s=60, lookahead_s=5
+    )
+    assert [c["id"] for c in claimed] == [second]
+    r = await api.client.delete(f"/api/jobs/{second}", headers=api.auth(None))
+    assert r.status_code == 409 and r.json()["error"] == "not_cancelable"
+    r = await api.client.delete("/api/jobs/abc", headers=api.auth())
+    assert (r.status_code, r.json()["error"]) == (404, "not_found")  # as GET answers
+
+
 # -- Twilio status callbacks -------------------------------------------------------------
 
 

@@ -120,6 +120,13 @@ async def test_jobs_list_show_retry_and_clean(db_url: str, conn: Any, tmp_path: 
     cleaned = await pgqueue(db_url, "jobs", "clean", "--state", "failed", "--tenant", "t1")
     assert cleaned.out.startswith("1 failed job(s) deleted")
 
+    canceled = await pgqueue(db_url, "jobs", "cancel", str(waiting.job_id))
+    assert canceled.code == 0 and "canceled (it was waiting)" in canceled.out
+    again = await pgqueue(db_url, "jobs", "cancel", str(waiting.job_id))
+    assert again.code == 2 and f"no job {waiting.job_id}" in again.err
+    finished = await pgqueue(db_url, "jobs", "cancel", str(by_conv[0]["id"]))
+    assert finished.code == 2 and "only waiting or delayed jobs" in finished.err
+
 
 async def test_stats_and_get_queue_metrics_give_the_endpoints_numbers(
     db_url: str, pool: AsyncConnectionPool[Any], conn: Any
