@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -16,10 +17,18 @@ from typing import Protocol
 
 from pgqueue.models import Job, SendResult
 
+log = logging.getLogger("pgqueue.providers")
+
 # (not before, not after), epoch s: when this send's first request may go on the wire.
 _slot_window: ContextVar[tuple[float, float] | None] = ContextVar(
     "pgqueue_slot_window", default=None
 )
+# The slot a request passed its check for, until note_on_wire sees its bytes leave. A
+# list, so the first chunk written (in a task of the HTTP client's own, with a copy of
+# this context) can take it for all.
+_passed: ContextVar[list[float] | None] = ContextVar("pgqueue_slot_passed", default=None)
+# A request leaving this long after its slot is logged (see note_on_wire).
+WIRE_LATE_LOG_S = 0.010
 
 
 class SlotMissed(Exception):
@@ -58,6 +67,22 @@ async def wait_for_slot() -> None:
         await asyncio.sleep(early)
     if time.time() > deadline:
         raise SlotMissed
+    if deadline != float("inf"):
+        _passed.set([start])
+
+
+def note_on_wire() -> None:
+    """Call once the request's bytes are handed to the socket. The slot check runs just
+    before the write, but the event loop can still be held up in between (a starved
+    process, a blocking write elsewhere); such a send reaches the provider late and can
+    bunch with the next ones (G4). It cannot be taken back, so it is logged, for the
+    reliability harness to count."""
+    passed = _passed.get()
+    if not passed:
+        return
+    late = time.time() - passed.pop()
+    if late > WIRE_LATE_LOG_S:
+        log.warning("a send went on the wire %.1f ms after its rate slot", late * 1000)
 
 
 class Provider(Protocol):

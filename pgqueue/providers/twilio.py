@@ -38,7 +38,7 @@ from twilio.rest.api.v2010.account import message as _preload_messages  # noqa: 
 from pgqueue.config import Settings
 from pgqueue.errors import PermanentSendError, SendError, TenantSendError, TransientSendError
 from pgqueue.models import Job, SendResult
-from pgqueue.providers import wait_for_slot
+from pgqueue.providers import note_on_wire, wait_for_slot
 
 log = logging.getLogger("pgqueue.twilio")
 
@@ -103,6 +103,10 @@ async def _check_slot_on_reuse(session: Any, context: Any, params: Any) -> None:
     await wait_for_slot()
 
 
+async def _on_wire(session: Any, context: Any, params: Any) -> None:
+    note_on_wire()
+
+
 class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
     """The SDK's aiohttp client, pointed at one base URL and with a real timeout.
 
@@ -120,6 +124,7 @@ class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
         self._prefix = parts.path.rstrip("/")
         slot_check = aiohttp.TraceConfig()
         slot_check.on_connection_reuseconn.append(_check_slot_on_reuse)
+        slot_check.on_request_chunk_sent.append(_on_wire)
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             # One queue talks to one host; the default limit of 100 connections is more

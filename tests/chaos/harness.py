@@ -56,6 +56,7 @@ from pgqueue.db import connect
 from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.enqueue import enqueue_whatsapp_send_batch
 from pgqueue.models import Message
+from pgqueue.providers import WIRE_LATE_LOG_S
 
 REPO = Path(__file__).resolve().parents[2]
 QUEUE = "whatsapp-send"
@@ -1083,8 +1084,26 @@ def guarantee_rows(
     return rows
 
 
+def late_on_wire(c: Cluster) -> list[float]:
+    """How late (ms) each send the workers logged as leaving well after its slot was
+    (pgqueue.providers.note_on_wire): the workers' own share of any bunching."""
+    out = []
+    for path in c.workdir.glob("worker-*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if "went on the wire" in line:
+                with contextlib.suppress(ValueError, IndexError):
+                    out.append(float(line.split("wire ")[1].split(" ms")[0]))
+    return out
+
+
 def rss_rows(c: Cluster) -> list[Row]:
+    late = late_on_wire(c)
     rows = [
+        Row(
+            f"sends the workers put on the wire > {WIRE_LATE_LOG_S * 1000:.0f} ms after their "
+            "slot (worst)",
+            f"{len(late)} ({max(late, default=0):.1f} ms)",
+        ),
         Row("fake Twilio's scheduling priority (nice)", str(c.fake_nice)),
         Row("peak RSS, fake Twilio", f"{c.rss.peak_mb('fake-twilio'):.0f} MB"),
     ]

@@ -548,3 +548,25 @@ async def test_a_send_woken_early_waits_for_its_slot_at_the_wire(
         with slot_deadline(start + 5, start=start):
             await provider.send(make_job())
         assert fake.records()[-1].t >= start
+
+
+async def test_a_send_that_leaves_long_after_its_slot_is_logged(
+    provider: TwilioProvider, fake: FakeTwilio, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Passing the slot check does not stop the event loop from being held up before the
+    bytes leave; a send that reaches the wire late is logged, once, for the harness."""
+    from pgqueue.providers import slot_deadline
+
+    caplog.set_level(logging.WARNING, logger="pgqueue.providers")
+    for _ in range(2):  # a new connection, then a kept-alive one
+        caplog.clear()
+        with slot_deadline(time.time() + 5, start=time.time()):
+            await provider.send(make_job())
+        assert "went on the wire" not in caplog.text  # on time
+        slot = time.time() - 0.05
+        with slot_deadline(slot + 5, start=slot):
+            await provider.send(make_job())
+        lines = [r.getMessage() for r in caplog.records if "went on the wire" in r.getMessage()]
+        assert len(lines) == 1 and "ms after its rate slot" in lines[0]
+        late_ms = float(lines[0].split("wire ")[1].split(" ms")[0])
+        assert late_ms >= 50
