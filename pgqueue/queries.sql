@@ -768,23 +768,13 @@ LIMIT 50;
 -- order and may repeat, so the status only moves forward (pgqueue.provider_status_rank:
 -- accepted/scheduled < queued < sending < sent < delivered < read; failed, undelivered
 -- and canceled end it). A repeat or a late, older status changes nothing. The error code
--- of a failed delivery is kept. Finished jobs are found through history's provider_sid
--- index; a live job (rare: only while its completion commits) through the tenant's own
--- rows. A SID found nowhere may belong to a send whose completion has not committed yet:
--- the status is held (`held`) for apply_early_statuses.
+-- of a failed delivery is kept. Only finished jobs carry a SID (the completion that
+-- records it moves the job to history in one transaction), found through history's
+-- provider_sid index. A SID found nowhere may belong to a send whose completion has not
+-- committed yet: the status is held (`held`) for apply_early_statuses.
 WITH incoming AS (
     SELECT %(status)s::text AS status, pgqueue.provider_status_rank(%(status)s) AS rank
     WHERE pgqueue.provider_status_rank(%(status)s) > 0
-), live AS (
-    UPDATE pgqueue.jobs j
-    SET provider_status = i.status,
-        last_error_code = CASE WHEN i.rank = 9 THEN coalesce(%(error_code)s, j.last_error_code)
-                               ELSE j.last_error_code END,
-        updated_at = clock_timestamp()
-    FROM incoming i
-    WHERE j.tenant_id = %(tenant_id)s AND j.provider_sid = %(sid)s
-      AND i.rank > pgqueue.provider_status_rank(j.provider_status)
-    RETURNING j.id, j.to_number
 ), finished AS (
     UPDATE pgqueue.job_history h
     SET provider_status = i.status,
@@ -798,18 +788,14 @@ WITH incoming AS (
     INSERT INTO pgqueue.early_statuses AS e (tenant_id, provider_sid, status, error_code)
     SELECT %(tenant_id)s, %(sid)s, i.status, CASE WHEN i.rank = 9 THEN %(error_code)s END
     FROM incoming i
-    WHERE NOT EXISTS (SELECT FROM pgqueue.jobs j
-                      WHERE j.tenant_id = %(tenant_id)s AND j.provider_sid = %(sid)s)
-      AND NOT EXISTS (SELECT FROM pgqueue.job_history h
+    WHERE NOT EXISTS (SELECT FROM pgqueue.job_history h
                       WHERE h.provider_sid = %(sid)s AND h.tenant_id = %(tenant_id)s)
     ON CONFLICT (tenant_id, provider_sid) DO UPDATE
     SET status = excluded.status, error_code = coalesce(excluded.error_code, e.error_code)
     WHERE pgqueue.provider_status_rank(excluded.status) > pgqueue.provider_status_rank(e.status)
     RETURNING e.provider_sid
 )
-SELECT id, to_number, false AS held FROM live
-UNION ALL
-SELECT id, to_number, false FROM finished
+SELECT id, to_number, false AS held FROM finished
 UNION ALL
 SELECT NULL, NULL, true FROM held;
 
