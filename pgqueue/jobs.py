@@ -90,6 +90,8 @@ async def cancel_job(
     next message moves up (G1: nothing overtakes anything). A message being sent or
     already finished cannot be canceled. Returns the job as it was."""
     job = await get_job(conn, job_id, tenant_id=tenant_id)
+    if job["queue"] != queue:
+        raise NotFoundError(f"no job {job_id} in queue {queue}")
     params = {"id": job_id, "queue": queue, "tenant_id": tenant_id}
     row = None
     if job["state"] in (JobState.WAITING, JobState.DELAYED):

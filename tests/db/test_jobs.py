@@ -76,6 +76,8 @@ async def test_cancel_takes_back_a_message_and_the_next_moves_up(
     conversation = f"t0:{phone(1)}"
     with pytest.raises(NotFoundError):  # another tenant's job is not found
         await jobs.cancel_job(conn, a, queue=Q, tenant_id="t1")
+    with pytest.raises(NotFoundError):  # nor one of another queue
+        await jobs.cancel_job(conn, a, queue="other-queue")
     assert (await jobs.cancel_job(conn, b, queue=Q, tenant_id="t0"))["body_preview"] == "b"
     assert await _live(conn, conversation) == [("a", True), ("c", False), ("d", False)]
     await jobs.cancel_job(conn, a, queue=Q)  # the head: c moves up
