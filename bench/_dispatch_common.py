@@ -329,6 +329,20 @@ def load_note(seconds: float = 1.0) -> str:
     return f"machine {idle:.0f}% idle over {seconds:g} s, {os.cpu_count()} cores"
 
 
+def io_stalled_s() -> float | None:
+    """Seconds in which every runnable task on this machine waited for the disk
+    (/proc/pressure/io, "full"), since boot; None where the kernel does not say. A
+    commit's WAL flush waits through such a stall with the queue lock held, so every
+    worker's turn waits too: gaps in the starts that no code on the CPU explains."""
+    try:
+        for line in Path("/proc/pressure/io").read_text().splitlines():
+            if line.startswith("full"):
+                return int(line.rsplit("total=", 1)[1]) / 1e6
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class OthersCpu:
     """CPU used on this machine by everything that is not this benchmark, sampled once a
     second: the machine's busy time minus this process, its children (the workers) and

@@ -93,6 +93,7 @@ from _dispatch_common import (
     OthersCpu,
     PgqueueDb,
     backlog,
+    io_stalled_s,
     load_note,
     noop_worker,
     phone,
@@ -1187,7 +1188,7 @@ async def run(args: argparse.Namespace) -> int:
         others = OthersCpu("bench_dispatch")
         others.start()
         for name in args.figures:
-            mark = others.mark()
+            mark, io_before = others.mark(), io_stalled_s()
             section = await RUNNERS[name](ctx)
             share = OthersCpu.share(mark, others.mark())
             if not math.isnan(share):  # nan: measured within another figure (memory)
@@ -1195,6 +1196,13 @@ async def run(args: argparse.Namespace) -> int:
                     f"other processes on the machine (not this benchmark) used {share:.2f} "
                     f"of the 2 cores on average during this figure"
                 )
+                io_after = io_stalled_s()
+                if io_before is not None and io_after is not None:
+                    section.details.append(
+                        "every task on the machine waited for the disk (/proc/pressure/io "
+                        f"full) {(io_after - io_before) * 1000:.0f} ms in all during this "
+                        f"figure, over {others.mark()[1] - mark[1]:.0f} s"
+                    )
             sections.append(section)
         others.stop()
         loads.append(load_note())
