@@ -218,18 +218,18 @@ class Maintenance:
         next_run = next_statuses = time.monotonic()
         while not stop.is_set():
             now = time.monotonic()
-            if now >= next_run:
+            if now >= next_run:  # run_once applies the held statuses too
                 try:
                     await self.run_once()
                 except Exception as e:
                     log.warning("maintenance skipped: %s", e)
                 next_run = now + self.interval_s
+                next_statuses = now + self.statuses_interval_s
             elif now >= next_statuses:
                 try:
                     await self.apply_statuses()
                 except Exception as e:
                     log.warning("applying held delivery statuses skipped: %s", e)
-            if now >= next_statuses:
                 next_statuses = now + self.statuses_interval_s
             wait = max(0.0, min(next_run, next_statuses) - time.monotonic())
             with contextlib.suppress(TimeoutError):
