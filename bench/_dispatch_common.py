@@ -137,16 +137,17 @@ class PgqueueDb:
                     ),
                 )
             conn.execute(
-                "UPDATE pgqueue.tenants SET active = 0, last_served_at = NULL, rate_tat = now(),"
+                "UPDATE pgqueue.tenants SET last_served_at = NULL, rate_tat = now(),"
                 " paused = false, pause_reason = NULL, max_concurrency = NULL,"
-                " rate_per_second = NULL, completed_total = 0, failed_total = 0"
+                " rate_per_second = NULL"
             )
+            conn.execute("DELETE FROM pgqueue.tenant_totals")
             conn.execute(
                 "INSERT INTO pgqueue.queues (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
                 (QUEUE,),
             )
             conn.execute(
-                "UPDATE pgqueue.queues SET active = 0, rate_tat = now(), rate_per_second = %s,"
+                "UPDATE pgqueue.queues SET rate_tat = now(), rate_per_second = %s,"
                 " global_concurrency = %s, tenant_concurrency = %s WHERE name = %s",
                 (limits.rate, limits.global_concurrency, limits.tenant_concurrency, QUEUE),
             )
@@ -175,7 +176,7 @@ class PgqueueDb:
         return ids
 
     def completed(self) -> int:
-        return int(self.scalar("SELECT coalesce(sum(completed_total), 0) FROM pgqueue.tenants"))
+        return int(self.scalar("SELECT coalesce(sum(completed), 0) FROM pgqueue.tenant_totals"))
 
     def worker_backends(self) -> list[int]:
         """The server processes of the workers' connections, if the server runs here."""

@@ -136,13 +136,12 @@ def fill_history(url: str, n: int) -> float:
         )
         conn.execute(
             """
-            UPDATE pgqueue.tenants t
-            SET completed_total = x.completed, failed_total = x.failed
-            FROM (SELECT tenant_id,
-                         count(*) FILTER (WHERE state = 'completed') AS completed,
-                         count(*) FILTER (WHERE state = 'failed') AS failed
-                  FROM pgqueue.job_history GROUP BY tenant_id) x
-            WHERE t.id = x.tenant_id
+            INSERT INTO pgqueue.tenant_totals (tenant_id, shard, completed, failed)
+            SELECT tenant_id, 0, count(*) FILTER (WHERE state = 'completed'),
+                   count(*) FILTER (WHERE state = 'failed')
+            FROM pgqueue.job_history GROUP BY tenant_id
+            ON CONFLICT (tenant_id, shard) DO UPDATE
+            SET completed = excluded.completed, failed = excluded.failed
             """
         )
         conn.execute("VACUUM ANALYZE")

@@ -20,11 +20,19 @@ _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
 _CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
 TOKEN_PREFIX = "pgq_"  # noqa: S105 - a marker, not a secret
 
-# Tenant columns that are safe to show; the auth token is never read back out.
+# Tenant columns that are safe to show; the auth token is never read back out. Sends in
+# flight are counted, finished ones summed over the tenant's shards of the totals.
 TENANT_PUBLIC = (
     "id, name, account_sid, whatsapp_from, max_concurrency, rate_per_second, paused, "
-    "pause_reason, fallback_content_sid, fallback_variable, active, last_served_at, "
-    "completed_total, failed_total, created_at"
+    "pause_reason, fallback_content_sid, fallback_variable, "
+    "(SELECT count(*) FROM pgqueue.jobs j"
+    " WHERE j.tenant_id = tenants.id AND j.state = 'active')::int AS active, "
+    "last_served_at, "
+    "(SELECT coalesce(sum(x.completed), 0) FROM pgqueue.tenant_totals x"
+    " WHERE x.tenant_id = tenants.id)::bigint AS completed_total, "
+    "(SELECT greatest(coalesce(sum(x.failed), 0), 0) FROM pgqueue.tenant_totals x"
+    " WHERE x.tenant_id = tenants.id)::bigint AS failed_total, "
+    "created_at"
 )
 
 
@@ -212,7 +220,10 @@ async def get_queue(conn: queries.Conn, queue: str) -> QueueLimits:
     await queries.ensure_queue(conn, queue)
     cur = await conn.execute(
         "SELECT name, global_concurrency, tenant_concurrency, rate_per_second, "
-        "retention_days, message_type_priorities, active FROM pgqueue.queues WHERE name = %s",
+        "retention_days, message_type_priorities, "
+        "(SELECT count(*) FROM pgqueue.jobs j"
+        " WHERE j.queue = queues.name AND j.state = 'active')::int AS active "
+        "FROM pgqueue.queues WHERE name = %s",
         (queue,),
     )
     row = await cur.fetchone()

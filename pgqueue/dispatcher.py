@@ -3,9 +3,12 @@
 One dispatcher per worker process. It owns the process's *lock connection*: claims run
 there, so the conversation advisory locks they take (G1, G9) belong to this process's
 session and vanish with it. Its loop works in turns, one transaction each
-(queries.cycle): the outcomes that arrived since the last turn are written, their locks
-dropped, and the slots they freed claimed again, so a job's completion and its
-successor's claim share one round trip and one commit.
+(queries.cycle, under the queue lock): the locks of the sends that finished since the
+last turn are dropped and the slots they freed claimed again. Their outcomes are then
+written by the *completer*, on a second connection, without the queue lock (no row a
+claim writes changes), while the next turn's claim runs: the two halves of the work, and
+this process's own, use the machine's cores side by side instead of taking turns. An
+outcome that pauses a tenant or the queue is written by the turn itself, under the lock.
 
 A lost lock connection (network blip, database restart) does not lose anything: sends
 in flight keep going, their outcomes wait in memory, and once reconnected the dispatcher
@@ -64,8 +67,10 @@ class DispatcherConfig:
     poll_interval_s: float = 1.0
     send_timeout_s: float = 30.0
     backoff_ms: int = 2000
+    # Cut so that "pgqueue-worker:<id>" fits PostgreSQL's 63 bytes of application_name:
+    # the rescuer recognises a live worker by that name, and a truncated one never matches.
     worker_id: str = field(
-        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        default_factory=lambda: f"{socket.gethostname()[:32]}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     )
 
     @property
@@ -102,6 +107,11 @@ class Dispatcher:
         self._conn_lock = asyncio.Lock()
         self._in_flight: dict[int, _InFlight] = {}
         self._done: list[_InFlight] = []
+        # Finished sends whose locks are dropped, for the completer to write.
+        self._to_complete: list[_InFlight] = []
+        self._completing: dict[int, _InFlight] = {}
+        self._completer: asyncio.Task[None] | None = None
+        self._completer_conn: queries.Conn | None = None
         # Set by a wake-up (NOTIFY), a finished send, or stop: the loop has work.
         self._attention = asyncio.Event()
         self._claiming = True
@@ -171,7 +181,10 @@ class Dispatcher:
         return len(self._in_flight)
 
     def claim_tokens(self) -> list[uuid.UUID]:
-        return [f.job.claim_token for f in self._in_flight.values()]
+        """Tokens of the jobs still active under this worker: sending, or finished with
+        their outcomes not yet committed."""
+        entries = [*self._in_flight.values(), *self._completing.values()]
+        return [f.job.claim_token for f in entries]
 
     def _want(self, freed: int = 0) -> int:
         """How many jobs to claim now: the free local slots, counting `freed` finished
@@ -182,11 +195,13 @@ class Dispatcher:
         return max(min(free, self.config.batch_size), 0)
 
     async def turn(self) -> queries.CycleResult:
-        """One turn of the loop, in one transaction: write the outcomes that arrived since
-        the last turn, then claim what the slots they freed (and any others) allow, and
-        start those sends."""
+        """One turn of the loop, in one transaction: drop the locks of the sends that
+        finished since the last turn (writing here only the outcomes that pause a tenant
+        or the queue; the completer writes the others once the locks are gone), then
+        claim what the freed slots (and any others) allow, and start those sends."""
         batch, self._done = self._done, []
-        outcomes = self._outcomes(batch)
+        here = [e for e in batch if e.outcome is not None and e.outcome.needs_queue_lock]
+        outcomes = self._outcomes(here)
         claim = queries.Claim(
             worker_id=self.config.worker_id,
             max_jobs=self._want(freed=len(batch)),
@@ -221,7 +236,13 @@ class Dispatcher:
         mine = {r["id"] for r in result.applied}
         for entry in batch:
             self._in_flight.pop(entry.job.id, None)
-            self._log_outcome(entry, entry.job.id in mine)
+            if entry in here:
+                self._log_outcome(entry, entry.job.id in mine)
+            else:
+                self._completing[entry.job.id] = entry
+                self._to_complete.append(entry)
+        if self._to_complete and self._completer is None:
+            self._completer = asyncio.create_task(self._complete(), name="completer")
         for row in result.claimed:
             job = Job.from_row(row)
             entry = _InFlight(job)
@@ -299,27 +320,36 @@ class Dispatcher:
         # after a while: the jobs stay active and the rescuer sends them again later.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._write_remaining(), timeout=timeout + 10.0)
-        if self._in_flight:
+        unwritten = len(self._in_flight) + len(self._completing)
+        if unwritten:
             log.error(
                 "%d outcome(s) could not be written before exit; those jobs will be "
                 "rescued and sent again",
-                len(self._in_flight),
+                unwritten,
             )
         return cut
 
     async def _write_remaining(self) -> None:
-        while self._done:
-            try:
-                await self.turn()
-            except psycopg.Error as e:
-                log.error("writing outcomes failed, retrying: %s", first_line(e))
-                await asyncio.sleep(0.1)
+        while self._done or self._completer is not None:
+            if self._done:
+                try:
+                    await self.turn()
+                except psycopg.Error as e:
+                    log.error("writing outcomes failed, retrying: %s", first_line(e))
+                    await asyncio.sleep(0.1)
+                    continue
+            await self.wait_completed()
 
     async def close(self) -> None:
+        if self._completer is not None:
+            self._completer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._completer
         self._job_log.flush()
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._completer_conn):
+            if conn is not None:
+                await conn.close()
+        self._conn = self._completer_conn = None
 
     # -- sending -------------------------------------------------------------------------
 
@@ -438,6 +468,68 @@ class Dispatcher:
                 w.set_result(slot)
 
     # -- completing ----------------------------------------------------------------------
+
+    async def _complete(self) -> None:
+        """The completer: writes the outcomes of finished sends whose locks the loop has
+        dropped, a batch per transaction, on a connection of its own, until none wait."""
+        try:
+            while self._to_complete:
+                batch = self._to_complete[: self.config.batch_size * 2]
+                del self._to_complete[: len(batch)]
+                try:
+                    applied = await self._write_completions(batch)
+                except BaseException:
+                    self._to_complete[:0] = batch
+                    raise
+                mine = {r["id"] for r in applied}
+                for entry in batch:
+                    self._completing.pop(entry.job.id, None)
+                    self._log_outcome(entry, entry.job.id in mine)
+                self._job_log.flush()
+                if applied:
+                    # Heads promoted or retried: this worker's next turn may claim them.
+                    self._attention.set()
+        finally:
+            self._completer = None
+
+    async def _write_completions(self, batch: list[_InFlight]) -> list[queries.Row]:
+        outcomes = self._outcomes(batch)
+        while True:
+            try:
+                conn = await self._completer_connection()
+                done = await queries.cycle(
+                    conn,
+                    queue=self.config.queue,
+                    outcomes=outcomes,
+                    notify=self.config.worker_id,
+                    lock=False,
+                )
+                return done.applied
+            except psycopg.OperationalError as e:
+                # Fenced by the claim tokens, so writing again after an unknown end is
+                # safe: a job already finished is simply no longer ours.
+                log.warning("completion connection lost: %s", first_line(e))
+                if self._completer_conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self._completer_conn.close()
+                self._completer_conn = None
+            except psycopg.Error as e:
+                log.error("writing outcomes failed, retrying: %s", first_line(e))
+            await asyncio.sleep(0.1)
+
+    async def _completer_connection(self) -> queries.Conn:
+        if self._completer_conn is None or self._completer_conn.closed:
+            self._completer_conn = await connect(
+                self.url,
+                application_name=f"{self.config.application_name}:completer",
+                generic_plans=True,
+            )
+        return self._completer_conn
+
+    async def wait_completed(self) -> None:
+        """Until every outcome handed to the completer is written."""
+        while self._completer is not None:
+            await asyncio.shield(self._completer)
 
     def _outcomes(self, batch: list[_InFlight]) -> queries.Outcomes:
         rows: list[queries.Row] = []

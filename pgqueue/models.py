@@ -119,6 +119,12 @@ class Outcome:
     pause_tenant: str | None = None
     suppress: bool = False
 
+    @property
+    def needs_queue_lock(self) -> bool:
+        """Pausing the queue or a tenant writes rows claims write: under the queue lock
+        (its lock order), or it could deadlock with a claim."""
+        return bool(self.throttle_s or self.pause_tenant)
+
     def as_row(self, job_id: int, token: uuid.UUID) -> dict[str, Any]:
         return {
             "id": job_id,

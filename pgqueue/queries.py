@@ -115,6 +115,7 @@ async def cycle(
     claim: Claim | None = None,
     notify: str | None = None,
     on_sent: Callable[[], None] | None = None,
+    lock: bool = True,
 ) -> CycleResult:
     """One transaction, sent as one pipeline (one round trip plus the commit), under the
     queue lock: write outcomes, promote the next heads, drop the conversation locks of
@@ -131,14 +132,20 @@ async def cycle(
     BEGIN and COMMIT are statements of the pipeline (on an autocommit connection) rather
     than psycopg's transaction block, whose COMMIT would leave only at the pipeline's
     end: the queue lock, which every worker's turn waits for, is then held only while the
-    server works, never while this process writes its log lines or waits for the CPU."""
+    server works, never while this process writes its log lines or waits for the CPU.
+
+    `lock=False` leaves the queue lock alone: for outcomes only (no claim), which change
+    no row a claim writes (in-flight counts are counted, not stored), so a worker's
+    completions run beside the claims instead of waiting for them."""
+    if claim is not None and not lock:
+        raise ValueError("a claim runs under the queue lock")
     if conn.info.transaction_status != TransactionStatus.IDLE:
         raise psycopg.ProgrammingError("queries.cycle runs its own transaction")
     result = CycleResult(claimed=[], applied=[])
     try:
         async with conn.pipeline():
             await conn.execute(b"BEGIN", prepare=False)
-            applied, claimed, end = await _turn(conn, queue, outcomes, release, claim, notify)
+            applied, claimed, end = await _turn(conn, queue, outcomes, release, claim, notify, lock)
             await conn.execute(b"COMMIT", prepare=False)
             if on_sent is not None:
                 try:
@@ -152,8 +159,8 @@ async def cycle(
         result.applied = await applied.fetchall()
     if claimed is not None:
         result.claimed = await claimed.fetchall()
-    row = await end.fetchone()
-    if row is not None:
+    row = await end.fetchone() if end is not None else None
+    if row is not None and "rate_wait" in row:
         result.rate_wait, result.due_wait = row["rate_wait"], row["due_wait"]
     return result
 
@@ -185,10 +192,12 @@ async def _turn(
     release: Sequence[int],
     claim: Claim | None,
     notify: str | None,
-) -> tuple[Cursor | None, Cursor | None, Cursor]:
+    lock: bool,
+) -> tuple[Cursor | None, Cursor | None, Cursor | None]:
     """Queue a turn's statements in the open pipeline; returns their cursors (outcomes
     applied, jobs claimed, the turn's end)."""
-    await conn.execute(sql("lock_queue"), {"queue": queue})
+    if lock:
+        await conn.execute(sql("lock_queue"), {"queue": queue})
     applied = None
     if outcomes is not None and outcomes.rows:
         applied = await _write_outcomes(conn, queue, outcomes)
@@ -205,13 +214,15 @@ async def _turn(
                 "headroom": claim.headroom,
             },
         )
+    payload = notify if applied is not None else None
+    if claimed is None and not release:
+        # Outcomes only: nothing to unlock and no wait to compute, just the wake-up.
+        end = None
+        if payload is not None:
+            end = await conn.execute(sql("notify_queue"), {"queue": queue, "payload": payload})
+        return applied, claimed, end
     end = await conn.execute(
-        sql("turn_end"),
-        {
-            "queue": queue,
-            "release": list(release),
-            "notify": notify if applied is not None else None,
-        },
+        sql("turn_end"), {"queue": queue, "release": list(release), "notify": payload}
     )
     return applied, claimed, end
 

@@ -158,29 +158,41 @@ SELECT name FROM pgqueue.queues WHERE name = %(queue)s FOR UPDATE;
 --  * the conversation's advisory lock is taken in the same statement (G9): a job is
 --    never active and committed while its owner does not hold that lock.
 WITH q AS (
-    SELECT name, global_concurrency, tenant_concurrency, active,
+    SELECT name, global_concurrency, tenant_concurrency,
            rate_per_second * (1 - %(headroom)s) >= global_concurrency + 1 AS late_ok,
            clock_timestamp() AS now,
            greatest(rate_tat, clock_timestamp()) AS base,
            1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
+), busy AS (
+    -- Sends in flight per tenant (G2, G3), counted rather than kept in counters: at most
+    -- the global limit of rows, through the one-active-per-conversation index. A
+    -- completion then writes no row a claim writes, and runs beside the claims instead
+    -- of queueing on this lock; one committed after this snapshot is still counted,
+    -- which errs on the safe side.
+    SELECT j.tenant_id, count(*)::int AS n
+    FROM pgqueue.jobs j
+    WHERE j.queue = %(queue)s AND j.state = 'active'
+    GROUP BY j.tenant_id
 ), budget AS (
     SELECT least(
                %(max_jobs)s,
-               global_concurrency - active,
+               global_concurrency - (SELECT coalesce(sum(n), 0) FROM busy)::int,
                CASE WHEN base > now + make_interval(secs => %(lookahead)s) THEN 0
                     ELSE floor(extract(epoch FROM now - base + make_interval(secs => %(lookahead)s))
                                / spacing)::int + 1
                END) AS n
     FROM q
 ), free_tenants AS (
-    SELECT t.id, t.active, t.last_served_at,
+    SELECT t.id, coalesce(b.n, 0) AS active, t.last_served_at,
            CASE WHEN t.rate_per_second IS NULL
-                THEN coalesce(t.max_concurrency, q.tenant_concurrency) - t.active
+                THEN coalesce(t.max_concurrency, q.tenant_concurrency) - coalesce(b.n, 0)
                 ELSE 1 END AS free
-    FROM pgqueue.tenants t, q
+    FROM pgqueue.tenants t
+    CROSS JOIN q
+    LEFT JOIN busy b ON b.tenant_id = t.id
     WHERE NOT t.paused
-      AND t.active < coalesce(t.max_concurrency, q.tenant_concurrency)
+      AND coalesce(b.n, 0) < coalesce(t.max_concurrency, q.tenant_concurrency)
       AND (t.rate_per_second IS NULL OR t.rate_tat <= q.now)
       AND (SELECT n FROM budget) > 0
 ), candidates AS (
@@ -237,8 +249,7 @@ WITH q AS (
     FROM claimed GROUP BY tenant_id
 ), tenant_counts AS (
     UPDATE pgqueue.tenants t
-    SET active = t.active + pt.n,
-        last_served_at = q.now,
+    SET last_served_at = q.now,
         rate_tat = CASE WHEN t.rate_per_second IS NULL THEN t.rate_tat
                         ELSE greatest(t.rate_tat, pt.last_start)
                              + make_interval(secs => 1.0 / t.rate_per_second) END
@@ -246,8 +257,7 @@ WITH q AS (
     WHERE t.id = pt.tenant_id
 ), queue_counts AS (
     UPDATE pgqueue.queues qq
-    SET active = qq.active + (SELECT count(*) FROM claimed),
-        rate_tat = q.base + make_interval(secs => q.spacing * (SELECT count(*) FROM claimed))
+    SET rate_tat = q.base + make_interval(secs => q.spacing * (SELECT count(*) FROM claimed))
     FROM q
     WHERE qq.name = q.name AND EXISTS (SELECT 1 FROM claimed)
 )
@@ -348,18 +358,19 @@ WITH input AS (
     FROM mine m
     WHERE j.id = m.id AND m.outcome IN ('retry', 'release')
     RETURNING j.id
-), tenant_counts AS (
-    UPDATE pgqueue.tenants t
-    SET active = t.active - x.n, completed_total = t.completed_total + x.completed,
-        failed_total = t.failed_total + x.failed
-    FROM (SELECT tenant_id, count(*)::int AS n,
-                 count(*) FILTER (WHERE outcome = 'completed') AS completed,
-                 count(*) FILTER (WHERE outcome = 'failed') AS failed
-          FROM mine GROUP BY tenant_id ORDER BY tenant_id) x
-    WHERE t.id = x.tenant_id
-), queue_counts AS (
-    UPDATE pgqueue.queues q SET active = q.active - (SELECT count(*) FROM mine)
-    WHERE q.name = %(queue)s AND EXISTS (SELECT 1 FROM mine)
+), totals AS (
+    -- Finished sends per tenant, added to this session's shard of the totals (one of 16,
+    -- by backend pid), so completions of different workers never wait for each other's
+    -- rows; rows in key order, so they cannot deadlock when two sessions share a shard.
+    INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, completed, failed)
+    SELECT tenant_id, pg_backend_pid() %% 16,
+           count(*) FILTER (WHERE outcome = 'completed'),
+           count(*) FILTER (WHERE outcome = 'failed')
+    FROM finished
+    GROUP BY tenant_id
+    ORDER BY tenant_id
+    ON CONFLICT (tenant_id, shard) DO UPDATE
+    SET completed = tt.completed + excluded.completed, failed = tt.failed + excluded.failed
 ), conversation_counts AS (
     UPDATE pgqueue.conversations c
     SET pending = c.pending - x.n, updated_at = clock_timestamp()
@@ -478,10 +489,14 @@ WHERE pending = 0 AND updated_at < now() - interval '10 minutes';
 
 -- name: tenant_in_flight
 -- Sends in flight per tenant, with each tenant's limit and pause state.
-SELECT t.id, t.active, coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency,
+SELECT t.id, coalesce(b.n, 0) AS active,
+       coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency,
        t.paused, t.pause_reason
 FROM pgqueue.tenants t
 JOIN pgqueue.queues q ON q.name = %(queue)s
+LEFT JOIN (SELECT j.tenant_id, count(*)::int AS n FROM pgqueue.jobs j
+           WHERE j.queue = %(queue)s AND j.state = 'active' GROUP BY j.tenant_id) b
+       ON b.tenant_id = t.id
 ORDER BY t.id;
 
 
@@ -565,9 +580,10 @@ WITH dead AS (
     ORDER BY seq
     RETURNING id, tenant_id
 ), failed_counts AS (
-    UPDATE pgqueue.tenants t SET failed_total = greatest(t.failed_total - x.n, 0)
-    FROM (SELECT tenant_id, count(*)::int AS n FROM revived GROUP BY tenant_id) x
-    WHERE t.id = x.tenant_id
+    INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, failed)
+    SELECT tenant_id, pg_backend_pid() %% 16, -count(*) FROM revived
+    GROUP BY tenant_id ORDER BY tenant_id
+    ON CONFLICT (tenant_id, shard) DO UPDATE SET failed = tt.failed + excluded.failed
 )
 SELECT id, pg_notify('pgqueue_' || %(queue)s, '') AS notified FROM revived;
 
@@ -622,9 +638,10 @@ WITH gone AS (
       AND (%(tenant_id)s::text IS NULL OR h.tenant_id = %(tenant_id)s)
     RETURNING h.tenant_id
 ), failed_counts AS (
-    UPDATE pgqueue.tenants t SET failed_total = greatest(t.failed_total - x.n, 0)
-    FROM (SELECT tenant_id, count(*)::int AS n FROM gone GROUP BY tenant_id) x
-    WHERE t.id = x.tenant_id
+    INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, failed)
+    SELECT tenant_id, pg_backend_pid() %% 16, -count(*) FROM gone
+    GROUP BY tenant_id ORDER BY tenant_id
+    ON CONFLICT (tenant_id, shard) DO UPDATE SET failed = tt.failed + excluded.failed
 )
 SELECT count(*) AS deleted FROM gone;
 
@@ -642,8 +659,8 @@ VALUES (%(tenant_id)s, %(job_id)s, %(to_number)s, %(body)s, %(content_sid)s, %(s
 -- Statements of the HTTP API (pgqueue/api.py), the operations CLI (pgqueue/ops_cli.py)
 -- and the queue statistics (pgqueue/metrics.py). Every count here is cheap on purpose:
 -- live states are counted on the small live table, finished ones come from the tenants'
--- counters (completed_total, failed_total); nothing counts over job_history, so the
--- answer costs the same with a million finished jobs as with none.
+-- counters (pgqueue.tenant_totals, summed over its shards); nothing counts over
+-- job_history, so the answer costs the same with a million finished jobs as with none.
 -- =====================================================================================
 
 
@@ -654,10 +671,13 @@ VALUES (%(tenant_id)s, %(job_id)s, %(to_number)s, %(body)s, %(content_sid)s, %(s
 -- the backlog of unsent messages, never with history.
 SELECT
   c.total - c.active - c.delayed AS waiting, c.active, c.delayed,
-  (SELECT coalesce(sum(t.completed_total), 0) FROM pgqueue.tenants t) AS completed,
-  (SELECT coalesce(sum(t.failed_total), 0) FROM pgqueue.tenants t) AS failed,
-  (SELECT coalesce(jsonb_object_agg(t.id, t.active), '{}'::jsonb) FROM pgqueue.tenants t)
-      AS tenant_concurrency,
+  (SELECT coalesce(sum(tt.completed), 0) FROM pgqueue.tenant_totals tt) AS completed,
+  greatest((SELECT coalesce(sum(tt.failed), 0) FROM pgqueue.tenant_totals tt), 0) AS failed,
+  (SELECT coalesce(jsonb_object_agg(t.id, coalesce(b.n, 0)), '{}'::jsonb)
+   FROM pgqueue.tenants t
+   LEFT JOIN (SELECT j.tenant_id, count(*)::int AS n FROM pgqueue.jobs j
+              WHERE j.queue = %(queue)s AND j.state = 'active' GROUP BY j.tenant_id) b
+          ON b.tenant_id = t.id) AS tenant_concurrency,
   (SELECT coalesce(array_agg(t.id ORDER BY t.id), '{}') FROM pgqueue.tenants t
    WHERE t.paused) AS paused_tenants,
   (SELECT q.tenant_concurrency FROM pgqueue.queues q WHERE q.name = %(queue)s)
@@ -676,7 +696,7 @@ FROM (
 -- through the tenant index, its own counters, its own concurrency limit. No row when
 -- the tenant does not exist.
 SELECT c.total - c.active - c.delayed AS waiting, c.active, c.delayed,
-       t.completed_total AS completed, t.failed_total AS failed, t.active AS in_flight,
+       tt.completed, tt.failed, c.active AS in_flight,
        coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency_per_tenant,
        t.paused
 FROM pgqueue.tenants t
@@ -688,16 +708,28 @@ CROSS JOIN LATERAL (
     FROM pgqueue.jobs j
     WHERE j.tenant_id = t.id AND j.queue = %(queue)s
 ) c
+CROSS JOIN LATERAL (
+    SELECT coalesce(sum(x.completed), 0) AS completed, greatest(coalesce(sum(x.failed), 0), 0) AS failed
+    FROM pgqueue.tenant_totals x WHERE x.tenant_id = t.id
+) tt
 WHERE t.id = %(tenant_id)s;
 
 
 -- name: api_tenants
 -- Per tenant: sends in flight against its limit, pause state and finished counters
 -- (the Prometheus endpoint and `pgqueue stats`). Never the auth token.
-SELECT t.id, t.active, coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency,
-       t.paused, t.pause_reason, t.completed_total, t.failed_total, t.updated_at
+SELECT t.id, coalesce(b.n, 0) AS active,
+       coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency,
+       t.paused, t.pause_reason, coalesce(tt.completed, 0) AS completed_total,
+       greatest(coalesce(tt.failed, 0), 0) AS failed_total, t.updated_at
 FROM pgqueue.tenants t
 LEFT JOIN pgqueue.queues q ON q.name = %(queue)s
+LEFT JOIN (SELECT j.tenant_id, count(*)::int AS n FROM pgqueue.jobs j
+           WHERE j.queue = %(queue)s AND j.state = 'active' GROUP BY j.tenant_id) b
+       ON b.tenant_id = t.id
+LEFT JOIN (SELECT x.tenant_id, sum(x.completed) AS completed, sum(x.failed) AS failed
+           FROM pgqueue.tenant_totals x GROUP BY x.tenant_id) tt
+       ON tt.tenant_id = t.id
 WHERE %(tenant_id)s::text IS NULL OR t.id = %(tenant_id)s
 ORDER BY t.id;
 
@@ -706,7 +738,10 @@ ORDER BY t.id;
 -- The queue's limits and coordination state: sends in flight, the rate limiter's
 -- position (rate_tat ahead of now = starts already booked, or a provider's 429 pause),
 -- live workers (a heartbeat within a minute) and the oldest due message still waiting.
-SELECT q.name, q.active AS in_flight, q.global_concurrency, q.tenant_concurrency,
+SELECT q.name,
+       (SELECT count(*) FROM pgqueue.jobs j WHERE j.queue = q.name AND j.state = 'active')
+           AS in_flight,
+       q.global_concurrency, q.tenant_concurrency,
        q.rate_per_second,
        greatest(extract(epoch FROM q.rate_tat - clock_timestamp()), 0)::float8
            AS rate_ahead_s,
@@ -925,7 +960,9 @@ LIMIT %(limit)s;
 -- name: dashboard_queue
 -- Limits and the rate clock: a rate_tat ahead of now is the wait for the next send slot
 -- (long after a 429).
-SELECT global_concurrency, tenant_concurrency, rate_per_second, active,
+SELECT global_concurrency, tenant_concurrency, rate_per_second,
+       (SELECT count(*) FROM pgqueue.jobs j WHERE j.queue = %(queue)s AND j.state = 'active')
+           AS active,
        extract(epoch FROM rate_tat - clock_timestamp())::float8 AS rate_wait,
        (SELECT count(*) FROM pgqueue.workers w WHERE w.queue = %(queue)s) AS workers
 FROM pgqueue.queues WHERE name = %(queue)s;

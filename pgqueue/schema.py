@@ -5,7 +5,8 @@ state that would break a guarantee instead of trusting every code path to avoid 
 
 * one head per conversation (G1): `jobs_one_head_per_conversation`;
 * one send in flight per conversation (G1): `jobs_one_active_per_conversation`;
-* counters never negative (G2, G3): `CHECK (active >= 0)`;
+* sends in flight (G2, G3) are never a stored counter that could drift: claims count
+  the active jobs themselves;
 * an active job always carries its claim token (fencing).
 
 Finished jobs leave `jobs` for `job_history`, partitioned by day on `finished_at`, so the
@@ -52,7 +53,6 @@ queues = Table(
     # GCRA state: the earliest moment the next send may start (G4). Pushed forward on
     # every claim and by a provider's 429, so it also is the bucket's pause.
     Column("rate_tat", TZ, nullable=False, server_default=NOW),
-    Column("active", Integer, nullable=False, server_default=text("0")),
     Column("retention_days", Integer, nullable=False, server_default=text("7")),
     Column(
         "message_type_priorities",
@@ -64,7 +64,6 @@ queues = Table(
     ),
     Column("created_at", TZ, nullable=False, server_default=NOW),
     Column("updated_at", TZ, nullable=False, server_default=NOW),
-    CheckConstraint("active >= 0", name="queues_active_nonnegative"),
     CheckConstraint("global_concurrency >= 1", name="queues_global_concurrency_positive"),
     CheckConstraint("tenant_concurrency >= 1", name="queues_tenant_concurrency_positive"),
     CheckConstraint("rate_per_second > 0", name="queues_rate_positive"),
@@ -86,17 +85,26 @@ tenants = Table(
     Column("pause_reason", Text),
     Column("fallback_content_sid", Text),
     Column("fallback_variable", Text),
-    Column("active", Integer, nullable=False, server_default=text("0")),
     Column("last_served_at", TZ),
-    Column("completed_total", BigInteger, nullable=False, server_default=text("0")),
-    Column("failed_total", BigInteger, nullable=False, server_default=text("0")),
     Column("created_at", TZ, nullable=False, server_default=NOW),
     Column("updated_at", TZ, nullable=False, server_default=NOW),
-    CheckConstraint("active >= 0", name="tenants_active_nonnegative"),
     CheckConstraint(
         "max_concurrency IS NULL OR max_concurrency >= 1", name="tenants_max_concurrency_positive"
     ),
     CheckConstraint("rate_per_second IS NULL OR rate_per_second > 0", name="tenants_rate_positive"),
+)
+
+# Finished sends per tenant, in shards: a completion adds to the shard of its database
+# session (backend pid % 16), so completions of different workers never wait for one
+# another's rows. A tenant's totals are the sums over its shards.
+tenant_totals = Table(
+    "tenant_totals",
+    metadata,
+    Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("shard", SmallInteger, nullable=False),
+    Column("completed", BigInteger, nullable=False, server_default=text("0")),
+    Column("failed", BigInteger, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint("tenant_id", "shard", name="tenant_totals_pkey"),
 )
 
 api_tokens = Table(

@@ -420,8 +420,8 @@ async def test_queue_metrics_admin_sees_all_a_tenant_only_itself(api: Api) -> No
         await api.send("t0", phoneNumber=phone(i))
     await api.send("t1", phoneNumber=phone(1), sendAt=TOMORROW)
     await api.conn.execute(
-        "UPDATE pgqueue.tenants SET completed_total = 7, failed_total = 2, active = 0 "
-        "WHERE id = 't1'"
+        "INSERT INTO pgqueue.tenant_totals (tenant_id, shard, completed, failed)"
+        " VALUES ('t1', 1, 5, 2), ('t1', 9, 2, 0)"
     )
     everything = (await api.client.get("/api/queue/metrics", headers=api.auth(None))).json()
     assert everything["waiting"] == 3 and everything["delayed"] == 1

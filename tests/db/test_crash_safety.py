@@ -27,6 +27,14 @@ async def q(conn: Any, query: str, *params: Any) -> list[dict[str, Any]]:
     return await cur.fetchall()
 
 
+async def slots_taken(conn: Any) -> tuple[int, int]:
+    """Sends in flight of tenant t0 and of the queue, as claims count them (G2, G3)."""
+    tenants = await queries.fetch_all(conn, "tenant_in_flight", {"queue": "whatsapp-send"})
+    queue = await queries.fetch_one(conn, "api_queue_state", {"queue": "whatsapp-send"})
+    assert queue is not None
+    return next(t["active"] for t in tenants if t["id"] == "t0"), queue["in_flight"]
+
+
 async def claim_as(url: str, worker_id: str, n: int = 5) -> tuple[Any, list[dict[str, Any]]]:
     conn = await connect(url, application_name=f"pgqueue-worker:{worker_id}")
     rows = await queries.claim_jobs(
@@ -63,9 +71,7 @@ async def test_job_of_a_dead_worker_is_rescued_at_once(db_url: str, conn: Any, p
         "worker-lost",
     )
     assert job["claim_token"] is None
-    t = await q(conn, "SELECT active FROM pgqueue.tenants")
-    g = await q(conn, "SELECT active FROM pgqueue.queues")
-    assert t[0]["active"] == 0 and g[0]["active"] == 0
+    assert await slots_taken(conn) == (0, 0)
     # The retried job goes again, before "second" (G1 across retries).
     await alive.close()
     again_conn, again = await claim_as(db_url, "alive-2")
@@ -109,7 +115,7 @@ async def test_late_completion_after_rescue_is_fenced(db_url: str, conn: Any, po
     job = (await q(conn, "SELECT state, claim_token, provider_sid FROM pgqueue.jobs"))[0]
     assert job["state"] == "active" and job["claim_token"] == rows2[0]["claim_token"]
     assert job["provider_sid"] is None
-    assert (await q(conn, "SELECT active FROM pgqueue.tenants"))[0]["active"] == 1
+    assert await slots_taken(conn) == (1, 1)
     await late.close()
     await new_owner.close()
 
@@ -145,7 +151,7 @@ async def test_sigkill_mid_send_frees_everything_within_a_second(
         while time.monotonic() < deadline and not read_sends(record):
             await asyncio.sleep(0.05)
         assert read_sends(record), "the worker never started the send"
-        assert (await q(conn, "SELECT active FROM pgqueue.tenants"))[0]["active"] == 1
+        assert await slots_taken(conn) == (1, 1)
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
@@ -160,8 +166,7 @@ async def test_sigkill_mid_send_frees_everything_within_a_second(
     finally:
         await rescuer_pool.close()
     assert time.monotonic() - killed_at < 1.0
-    assert (await q(conn, "SELECT active FROM pgqueue.tenants"))[0]["active"] == 0
-    assert (await q(conn, "SELECT active FROM pgqueue.queues"))[0]["active"] == 0
+    assert await slots_taken(conn) == (0, 0)
     assert not (await q(conn, "SELECT 1 FROM pgqueue.jobs WHERE state = 'active'"))
     # A fresh worker sends it again, then the next one: nothing lost.
     record2 = tmp_path / "r2.jsonl"
@@ -263,8 +268,8 @@ async def test_a_turn_completes_a_head_and_claims_its_successor_under_one_lock(
         worker, queue="whatsapp-send", outcomes=done, release=[second["lock_key"]], claim=claim
     )
     assert turn.claimed == [] and await held_locks(conn, pid) == 0
-    counts = await q(conn, "SELECT active, completed_total FROM pgqueue.tenants")
-    assert (counts[0]["active"], counts[0]["completed_total"]) == (0, 2)
+    counts = await q(conn, "SELECT sum(completed) AS completed FROM pgqueue.tenant_totals")
+    assert await slots_taken(conn) == (0, 0) and counts[0]["completed"] == 2
     await worker.close()
 
 
@@ -302,6 +307,43 @@ async def test_the_queue_lock_is_released_while_the_worker_still_works_on_its_tu
     finally:
         other.close()
         await worker.close()
+
+
+async def test_outcomes_are_written_while_a_claim_holds_the_queue_lock(
+    db_url: str, conn: Any
+) -> None:
+    """A completion changes no row a claim writes (sends in flight are counted, not kept
+    in counters), so a worker's completer neither takes nor waits for the queue lock:
+    outcomes are written, and the next message promoted, beside another worker's claim."""
+    await add_tenants(conn, 1)
+    await send(conn, "t0", 1, text="first")
+    await send(conn, "t0", 1, text="second")
+    worker, claimed = await claim_as(db_url, "beside-1")
+    completer = await connect(db_url, application_name="pgqueue-worker:beside-1:completer")
+    claimer = await connect(db_url)
+    await claimer.execute("BEGIN")
+    await claimer.execute(queries.sql("lock_queue"), {"queue": "whatsapp-send"})
+    try:
+        done = queries.Outcomes(
+            [{"id": claimed[0]["id"], "token": claimed[0]["claim_token"], "outcome": "completed"}],
+            [claimed[0]["conversation"]],
+        )
+        async with asyncio.timeout(5):
+            turn = await queries.cycle(
+                completer, queue="whatsapp-send", outcomes=done, notify="beside-1", lock=False
+            )
+        assert [r["id"] for r in turn.applied] == [claimed[0]["id"]]
+        head = await q(conn, "SELECT body FROM pgqueue.jobs WHERE is_head")
+        assert [r["body"] for r in head] == ["second"]
+        # The queue lock is still the claimer's.
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            await conn.execute("SELECT 1 FROM pgqueue.queues FOR UPDATE NOWAIT")
+    finally:
+        await claimer.execute("ROLLBACK")
+        for c in (claimer, completer, worker):
+            await c.close()
+    totals = await q(conn, "SELECT sum(completed) AS completed FROM pgqueue.tenant_totals")
+    assert totals[0]["completed"] == 1
 
 
 async def test_a_failed_turn_is_rolled_back_and_the_next_one_runs(db_url: str, conn: Any) -> None:

@@ -47,7 +47,9 @@ async def test_retry_and_clean_dead_letters(db_url: str, conn: Any, tmp_path: Pa
     with pytest.raises(ValidationError):
         await jobs.retry_job(conn, t0_job["id"], queue=Q)  # not failed any more
     t = await (
-        await conn.execute("SELECT failed_total FROM pgqueue.tenants WHERE id = 't0'")
+        await conn.execute(
+            "SELECT sum(failed) AS failed_total FROM pgqueue.tenant_totals WHERE tenant_id = 't0'"
+        )
     ).fetchone()
     assert t["failed_total"] == 0
     assert await jobs.clean_failed(conn, queue=Q, tenant_id="t0") == 0

@@ -136,7 +136,11 @@ async def test_stats_and_get_queue_metrics_give_the_endpoints_numbers(
     for i in range(3):
         await send(conn, "t0", i)
     await send(conn, "t1", 1)
-    await conn.execute("UPDATE pgqueue.tenants SET completed_total = 4 WHERE id = 't0'")
+    # Totals are kept in shards, one per database session that finished sends.
+    await conn.execute(
+        "INSERT INTO pgqueue.tenant_totals (tenant_id, shard, completed)"
+        " VALUES ('t0', 3, 3), ('t0', 7, 1)"
+    )
 
     app = create_app(Settings(admin_token=ADMIN), pool)
     transport = httpx.ASGITransport(app=app)
