@@ -52,6 +52,8 @@ SLOT_LEAD_S = 0.005
 # lookahead_s ahead, reslots of every send in flight a few hundred ms); it is taken again
 # when it comes near, so that a pause committed meanwhile applies to it too.
 FAR_SLOT_S = 0.5
+# The completer starts at the latest this long after a turn handed it outcomes.
+COMPLETER_DELAY_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ class Dispatcher:
                 release=release,
                 claim=claim,
                 notify=self.config.worker_id,
-                on_sent=self._job_log.flush,  # written while the server works
+                on_sent=self._while_the_server_works,
             )
 
         try:
@@ -241,8 +243,10 @@ class Dispatcher:
             else:
                 self._completing[entry.job.id] = entry
                 self._to_complete.append(entry)
-        if self._to_complete and self._completer is None:
-            self._completer = asyncio.create_task(self._complete(), name="completer")
+        if self._to_complete:
+            # Started by the next turn once its statements are out, so that its Python
+            # work overlaps that turn's wait for the server; or a moment later.
+            asyncio.get_running_loop().call_later(COMPLETER_DELAY_S, self._start_completer)
         for row in result.claimed:
             job = Job.from_row(row)
             entry = _InFlight(job)
@@ -330,7 +334,7 @@ class Dispatcher:
         return cut
 
     async def _write_remaining(self) -> None:
-        while self._done or self._completer is not None:
+        while self._done or self._to_complete or self._completer is not None:
             if self._done:
                 try:
                     await self.turn()
@@ -469,6 +473,14 @@ class Dispatcher:
 
     # -- completing ----------------------------------------------------------------------
 
+    def _while_the_server_works(self) -> None:
+        self._start_completer()
+        self._job_log.flush()
+
+    def _start_completer(self) -> None:
+        if self._to_complete and self._completer is None:
+            self._completer = asyncio.create_task(self._complete(), name="completer")
+
     async def _complete(self) -> None:
         """The completer: writes the outcomes of finished sends whose locks the loop has
         dropped, a batch per transaction, on a connection of its own, until none wait."""
@@ -528,6 +540,7 @@ class Dispatcher:
 
     async def wait_completed(self) -> None:
         """Until every outcome handed to the completer is written."""
+        self._start_completer()
         while self._completer is not None:
             await asyncio.shield(self._completer)
 
