@@ -114,6 +114,7 @@ class Dispatcher:
         self._completing: dict[int, _InFlight] = {}
         self._completer: asyncio.Task[None] | None = None
         self._completer_conn: queries.Conn | None = None
+        self._closed = False
         # Set by a wake-up (NOTIFY), a finished send, or stop: the loop has work.
         self._attention = asyncio.Event()
         self._claiming = True
@@ -169,6 +170,10 @@ class Dispatcher:
                 conn = await self._connection()
                 try:
                     return await fn(conn)
+                except psycopg.errors.TransactionRollback:
+                    # A deadlock or serialization failure: the statement failed, the
+                    # connection and its conversation locks are fine. The caller retries.
+                    raise
                 except psycopg.OperationalError as e:
                     log.warning("lock connection lost: %s", first_line(e))
                     with contextlib.suppress(Exception):
@@ -190,7 +195,7 @@ class Dispatcher:
 
     def _want(self, freed: int = 0) -> int:
         """How many jobs to claim now: the free local slots, counting `freed` finished
-        sends whose outcomes the same transaction writes, at most one batch."""
+        sends whose locks the same turn drops, at most one batch."""
         if not self._claiming:
             return 0
         free = self.config.concurrency - len(self._in_flight) + freed
@@ -345,6 +350,7 @@ class Dispatcher:
             await self.wait_completed()
 
     async def close(self) -> None:
+        self._closed = True
         if self._completer is not None:
             self._completer.cancel()
             with contextlib.suppress(BaseException):
@@ -478,7 +484,7 @@ class Dispatcher:
         self._job_log.flush()
 
     def _start_completer(self) -> None:
-        if self._to_complete and self._completer is None:
+        if self._to_complete and self._completer is None and not self._closed:
             self._completer = asyncio.create_task(self._complete(), name="completer")
 
     async def _complete(self) -> None:
@@ -489,23 +495,33 @@ class Dispatcher:
                 batch = self._to_complete[: self.config.batch_size * 2]
                 del self._to_complete[: len(batch)]
                 try:
-                    applied = await self._write_completions(batch)
+                    applied, unsure = await self._write_completions(batch)
                 except BaseException:
                     self._to_complete[:0] = batch
                     raise
                 mine = {r["id"] for r in applied}
                 for entry in batch:
                     self._completing.pop(entry.job.id, None)
-                    self._log_outcome(entry, entry.job.id in mine)
+                    if entry.job.id in mine or not unsure:
+                        self._log_outcome(entry, entry.job.id in mine)
+                    else:
+                        log.warning(
+                            "job %s: its %s outcome was probably written before the "
+                            "connection was lost (the job is no longer this worker's)",
+                            entry.job.id,
+                            entry.outcome.kind if entry.outcome else "unknown",
+                        )
                 self._job_log.flush()
-                if applied:
-                    # Heads promoted or retried: this worker's next turn may claim them.
-                    self._attention.set()
+                # Heads promoted or retried: this worker's next turn may claim them.
+                self._attention.set()
         finally:
             self._completer = None
 
-    async def _write_completions(self, batch: list[_InFlight]) -> list[queries.Row]:
+    async def _write_completions(self, batch: list[_InFlight]) -> tuple[list[queries.Row], bool]:
+        """Writes the batch's outcomes; also says whether an earlier attempt may have
+        committed them unseen (its connection was lost)."""
         outcomes = self._outcomes(batch)
+        unsure = False
         while True:
             try:
                 conn = await self._completer_connection()
@@ -516,11 +532,14 @@ class Dispatcher:
                     notify=self.config.worker_id,
                     lock=False,
                 )
-                return done.applied
+                return done.applied, unsure
+            except psycopg.errors.TransactionRollback as e:
+                log.warning("writing outcomes failed, retrying: %s", first_line(e))
             except psycopg.OperationalError as e:
                 # Fenced by the claim tokens, so writing again after an unknown end is
                 # safe: a job already finished is simply no longer ours.
                 log.warning("completion connection lost: %s", first_line(e))
+                unsure = True
                 if self._completer_conn is not None:
                     with contextlib.suppress(Exception):
                         await self._completer_conn.close()

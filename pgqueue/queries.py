@@ -120,12 +120,13 @@ async def cycle(
     """One transaction, sent as one pipeline (one round trip plus the commit), under the
     queue lock: write outcomes, promote the next heads, drop the conversation locks of
     the finished sends, claim new heads, and say when to look again. The dispatcher runs
-    one per turn of its loop, so a job's completion and its successor's claim share a
-    commit.
+    one per turn of its loop (dropping locks and claiming; its completer writes most
+    outcomes in cycles of their own, `lock=False`, once the locks are dropped).
 
-    Locks are dropped before the commit on purpose: the job is still active (and ours)
-    until then, and the rescuer leaves alone every job whose worker is connected, while
-    a worker that sees the promoted head right after the commit finds its lock free.
+    Locks are dropped before the outcomes commit on purpose: the job is still active
+    (and ours) until then, and the rescuer leaves alone every job whose worker is
+    connected, while a worker that sees the promoted head after that commit finds its
+    lock free.
     `notify` is the payload of the wake-up sent when outcomes were written. `on_sent` runs
     once the statements are on their way, so the caller's own work overlaps the server's.
 

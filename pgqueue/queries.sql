@@ -1,10 +1,12 @@
 -- Every runtime SQL statement of pgqueue. Each starts with `-- name: NAME` and a line of
 -- purpose; pgqueue/queries.py loads them by name. Parameters are psycopg's %(name)s.
 --
--- Lock order, everywhere: queues row -> tenants rows -> conversations rows -> jobs rows.
--- Claims, completions and rescues all begin by locking their queue row, which
--- serialises admission (G2, G3, G4): two claimers can never each count free slots in
--- their own snapshot and overshoot together. Enqueue takes only its conversation row.
+-- Lock order, everywhere: queues row -> tenants rows -> conversations rows -> jobs rows
+-- (several job rows in id order). Claims and rescues begin by locking their queue row,
+-- which serialises admission (G2, G3, G4): two claimers can never each count free slots
+-- in their own snapshot and overshoot together. A worker's completions take no queue
+-- lock: sends in flight are counted by the claim, not kept in counters, so they write
+-- no row a claim writes. Enqueue takes only its conversation row.
 -- Conversation advisory locks (session level, on each worker's lock connection) use the
 -- bigint key hashtextextended(queue || chr(31) || conversation, 0).
 
@@ -128,13 +130,13 @@ LIMIT 1;
 
 
 -- name: lock_queue
--- Serialises admission and counter changes for one queue (see the lock order above).
+-- Serialises admission for one queue (see the lock order above).
 SELECT name FROM pgqueue.queues WHERE name = %(queue)s FOR UPDATE;
 
 
 -- name: claim_jobs
 -- Claims up to %(max_jobs)s conversation heads. Run right after lock_queue, in the same
--- transaction, so this statement's snapshot already holds every committed counter.
+-- transaction, so this statement's snapshot already holds every committed claim.
 --  * only tenants with a free slot (G2), not paused, within their own rate, are looked
 --    at, each through a LATERAL over the heads-only index: a saturated tenant's backlog
 --    and a conversation's queued tail are never scanned;
@@ -165,19 +167,20 @@ WITH q AS (
            1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
 ), busy AS (
-    -- Sends in flight per tenant (G2, G3), counted rather than kept in counters: at most
-    -- the global limit of rows, through the one-active-per-conversation index. A
+    -- Sends in flight per tenant in all queues (G2) and in this one (G3), counted rather
+    -- than kept in counters: at most the global limits' rows, through the
+    -- one-active-per-conversation index. A
     -- completion then writes no row a claim writes, and runs beside the claims instead
     -- of queueing on this lock; one committed after this snapshot is still counted,
     -- which errs on the safe side.
-    SELECT j.tenant_id, count(*)::int AS n
+    SELECT j.tenant_id, count(*)::int AS n, count(*) FILTER (WHERE j.queue = %(queue)s) AS here
     FROM pgqueue.jobs j
-    WHERE j.queue = %(queue)s AND j.state = 'active'
+    WHERE j.state = 'active'
     GROUP BY j.tenant_id
 ), budget AS (
     SELECT least(
                %(max_jobs)s,
-               global_concurrency - (SELECT coalesce(sum(n), 0) FROM busy)::int,
+               global_concurrency - (SELECT coalesce(sum(here), 0) FROM busy)::int,
                CASE WHEN base > now + make_interval(secs => %(lookahead)s) THEN 0
                     ELSE floor(extract(epoch FROM now - base + make_interval(secs => %(lookahead)s))
                                / spacing)::int + 1
@@ -270,8 +273,8 @@ ORDER BY c.slot;
 
 -- name: turn_end
 -- The end of a dispatcher turn, in one statement: drop the conversation locks of the
--- sends whose outcomes were just written (their jobs stay active, and ours, until the
--- commit, and the rescuer leaves a connected worker's jobs alone), wake the other
+-- finished sends (their jobs stay active, and ours, until the completer commits their
+-- outcomes, and the rescuer leaves a connected worker's jobs alone), wake the other
 -- workers if outcomes freed anything (the payload names the sender, which ignores its
 -- own wake-up), and, for a claim that came back short, say when the next rate slot opens
 -- and when the next delayed head becomes due, so the worker sleeps exactly that long.
@@ -292,11 +295,12 @@ FROM pgqueue.queues q WHERE q.name = %(queue)s;
 -- name: complete_jobs
 -- Applies a batch of outcomes, each only if the job is still active under the claim
 -- token the caller holds (a rescued or re-claimed job is never overwritten by a late
--- worker). Run right after lock_queue. In this one statement: finished jobs (completed,
--- failed) move to job_history; retried ones stay head of their conversation with a new
--- run_at (G1: they block the later messages); released ones go back without spending
--- the attempt; the tenant, queue and conversation counters move by exactly the jobs
--- that changed (G2, G3 cannot drift). Promotion follows in promote_heads.
+-- worker). Needs no queue lock (a rescuer runs it under one anyway). In this one
+-- statement: finished jobs (completed, failed) move to job_history; retried ones stay
+-- head of their conversation with a new run_at (G1: they block the later messages);
+-- released ones go back without spending the attempt; the conversations' pending
+-- counts and the tenants' totals move by exactly the jobs that changed. Promotion
+-- follows in promote_heads.
 WITH input AS (
     -- One jsonb parameter rather than nine arrays: far cheaper for the client to send.
     SELECT *
@@ -306,18 +310,21 @@ WITH input AS (
 ), mine AS (
     -- One primary-key probe per outcome, whatever the number of jobs in flight. The
     -- LIMIT keeps the state test out of the subquery: with it inside, the planner walks
-    -- the index of active jobs once per outcome instead.
+    -- the index of active jobs once per outcome instead. The token test stays inside,
+    -- so an outcome that is no longer ours (rescued meanwhile) locks nothing, and rows
+    -- are locked in id order: a rescuer running this same statement cannot deadlock
+    -- with a completer over the same jobs.
     SELECT j.id, j.tenant_id, j.conversation, i.outcome, i.delay, i.code, i.message,
            i.sid, i.status, i.channel
-    FROM input i
+    FROM (SELECT * FROM input ORDER BY id) i
     CROSS JOIN LATERAL (
-        SELECT j.id, j.tenant_id, j.conversation, j.claim_token, j.state, j.queue
+        SELECT j.id, j.tenant_id, j.conversation, j.state, j.queue
         FROM pgqueue.jobs j
-        WHERE j.id = i.id
+        WHERE j.id = i.id AND j.claim_token = i.token
         LIMIT 1
         FOR UPDATE
     ) j
-    WHERE j.claim_token = i.token AND j.state = 'active' AND j.queue = %(queue)s
+    WHERE j.state = 'active' AND j.queue = %(queue)s
 ), finished AS (
     DELETE FROM pgqueue.jobs j
     USING mine m
@@ -488,7 +495,7 @@ SELECT t.id, coalesce(b.n, 0) AS active,
 FROM pgqueue.tenants t
 JOIN pgqueue.queues q ON q.name = %(queue)s
 LEFT JOIN (SELECT j.tenant_id, count(*)::int AS n FROM pgqueue.jobs j
-           WHERE j.queue = %(queue)s AND j.state = 'active' GROUP BY j.tenant_id) b
+           WHERE j.state = 'active' GROUP BY j.tenant_id) b
        ON b.tenant_id = t.id
 ORDER BY t.id;
 
@@ -669,7 +676,7 @@ SELECT
   (SELECT coalesce(jsonb_object_agg(t.id, coalesce(b.n, 0)), '{}'::jsonb)
    FROM pgqueue.tenants t
    LEFT JOIN (SELECT j.tenant_id, count(*)::int AS n FROM pgqueue.jobs j
-              WHERE j.queue = %(queue)s AND j.state = 'active' GROUP BY j.tenant_id) b
+              WHERE j.state = 'active' GROUP BY j.tenant_id) b
           ON b.tenant_id = t.id) AS tenant_concurrency,
   (SELECT coalesce(array_agg(t.id ORDER BY t.id), '{}') FROM pgqueue.tenants t
    WHERE t.paused) AS paused_tenants,
@@ -718,7 +725,7 @@ SELECT t.id, coalesce(b.n, 0) AS active,
 FROM pgqueue.tenants t
 LEFT JOIN pgqueue.queues q ON q.name = %(queue)s
 LEFT JOIN (SELECT j.tenant_id, count(*)::int AS n FROM pgqueue.jobs j
-           WHERE j.queue = %(queue)s AND j.state = 'active' GROUP BY j.tenant_id) b
+           WHERE j.state = 'active' GROUP BY j.tenant_id) b
        ON b.tenant_id = t.id
 LEFT JOIN (SELECT x.tenant_id, sum(x.completed) AS completed, sum(x.failed) AS failed
            FROM pgqueue.tenant_totals x GROUP BY x.tenant_id) tt
