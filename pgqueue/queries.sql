@@ -223,23 +223,30 @@ WITH q AS (
     FROM ranked r
     ORDER BY r.priority DESC, r.tenant_load, r.last_served_at NULLS FIRST, r.seq
     LIMIT (SELECT n FROM budget)
+), locked AS (
+    -- Only the chosen rows are locked (candidates of other tenants stay free for other
+    -- claimers); a row that changed meanwhile is skipped, never waited for.
+    SELECT j.id, chosen.pick
+    FROM pgqueue.jobs j
+    JOIN chosen ON chosen.id = j.id
+    WHERE j.is_head AND j.state <> 'active'
+    FOR UPDATE OF j SKIP LOCKED
+), numbered AS (
+    -- Rate slots without gaps, whatever was skipped.
+    SELECT id, row_number() OVER (ORDER BY pick) AS slot FROM locked
 ), claimed AS (
-    -- No SELECT ... FOR UPDATE SKIP LOCKED first: claimers are serialised by the queue
-    -- lock, so only a cancel can hold a candidate's row; the update waits for it and
-    -- then skips the row if it is gone (leaving a gap in the rate slots, never a
-    -- double slot: rate_tat follows the last slot used).
     UPDATE pgqueue.jobs j
     SET state = 'active',
         attempts = j.attempts + 1,
         claim_token = gen_random_uuid(),
         claimed_by = %(worker_id)s,
-        start_at = q.base + make_interval(secs => q.spacing * (chosen.pick - 1)),
-        started_at = coalesce(j.started_at, q.base + make_interval(secs => q.spacing * (chosen.pick - 1))),
+        start_at = q.base + make_interval(secs => q.spacing * (chosen.slot - 1)),
+        started_at = coalesce(j.started_at, q.base + make_interval(secs => q.spacing * (chosen.slot - 1))),
         lease_expires_at = q.now + make_interval(secs => %(lease)s),
         updated_at = q.now
-    FROM chosen, q
-    WHERE j.id = chosen.id AND j.is_head AND j.state <> 'active'
-    RETURNING j.*, chosen.pick AS slot
+    FROM numbered chosen, q
+    WHERE j.id = chosen.id
+    RETURNING j.*, chosen.slot
 ), per_tenant AS (
     SELECT tenant_id, count(*)::int AS n, max(start_at) AS last_start
     FROM claimed GROUP BY tenant_id
@@ -253,7 +260,7 @@ WITH q AS (
     WHERE t.id = pt.tenant_id
 ), queue_counts AS (
     UPDATE pgqueue.queues qq
-    SET rate_tat = q.base + make_interval(secs => q.spacing * (SELECT max(slot) FROM claimed))
+    SET rate_tat = q.base + make_interval(secs => q.spacing * (SELECT count(*) FROM claimed))
     FROM q
     WHERE qq.name = q.name AND EXISTS (SELECT 1 FROM claimed)
 )
