@@ -546,6 +546,8 @@ class Dispatcher:
                 self._completer_conn = None
             except psycopg.Error as e:
                 log.error("writing outcomes failed, retrying: %s", first_line(e))
+            except Exception:  # the outcomes stay in memory: report it, try again
+                log.exception("writing outcomes failed, retrying")
             await asyncio.sleep(0.1)
 
     async def _completer_connection(self) -> queries.Conn:
