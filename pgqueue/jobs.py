@@ -9,6 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import psycopg
+
 from pgqueue import queries
 from pgqueue.errors import NotFoundError, ValidationError
 from pgqueue.logs import job_log
@@ -95,14 +97,24 @@ async def cancel_job(
     params = {"id": job_id, "queue": queue, "tenant_id": tenant_id}
     row = None
     if job["state"] in (JobState.WAITING, JobState.DELAYED):
-        async with conn.transaction():
-            await queries.fetch_one(conn, "lock_job_conversation", params)
-            row = await queries.fetch_one(conn, "cancel_job", params)
-            if row is not None and row["canceled"] and row["was_head"]:
-                await queries.execute(
-                    conn, "promote_heads", {"queue": queue, "conversations": [row["conversation"]]}
-                )
-                await queries.execute(conn, "notify_queue", {"queue": queue, "payload": ""})
+        try:
+            async with conn.transaction():
+                await queries.fetch_one(conn, "lock_job_conversation", params)
+                row = await queries.fetch_one(conn, "cancel_job", params)
+                if row is not None and row["canceled"] and row["was_head"]:
+                    await queries.execute(
+                        conn,
+                        "promote_heads",
+                        {"queue": queue, "conversations": [row["conversation"]]},
+                    )
+                    await queries.execute(conn, "notify_queue", {"queue": queue, "payload": ""})
+        except psycopg.errors.LockNotAvailable:
+            raise ValidationError(
+                f"job {job_id} is being claimed or finished right now; only waiting or "
+                "delayed jobs can be canceled",
+                code="not_cancelable",
+                field="id",
+            ) from None
     if row is None or not row["canceled"]:
         # Claimed (active) or finished meanwhile: say what it is now.
         now = await get_job(conn, job_id, tenant_id=tenant_id)

@@ -613,13 +613,15 @@ FOR UPDATE OF c;
 -- conversation's count of live jobs goes down. An active job is left alone: the provider
 -- may already have it. `was_head`: the caller promotes the conversation's next message
 -- (promote_heads) in the same transaction. The job row is locked first, so a claim
--- either took it before (state active: refused) or can no longer take it.
+-- either took it before (state active: refused) or can no longer take it. NOWAIT: a row
+-- somebody else holds is being claimed or completed (a completion locks its job before
+-- the conversation row this cancel holds, so waiting could deadlock); the caller refuses.
 WITH target AS (
     SELECT j.id, j.conversation, j.state, j.is_head
     FROM pgqueue.jobs j
     WHERE j.id = %(id)s AND j.queue = %(queue)s
       AND (%(tenant_id)s::text IS NULL OR j.tenant_id = %(tenant_id)s)
-    FOR UPDATE
+    FOR UPDATE NOWAIT
 ), gone AS (
     DELETE FROM pgqueue.jobs j
     USING target t

@@ -117,6 +117,26 @@ async def test_cancel_takes_back_a_message_and_the_next_moves_up(
     assert finished.value.code == "not_cancelable" and "completed" in finished.value.message
 
 
+async def test_a_cancel_meeting_a_held_job_row_refuses_at_once(db_url: str, conn: Any) -> None:
+    """A job row somebody else holds is being claimed or completed: the cancel, which
+    already holds the conversation row that a completion takes after its job rows,
+    refuses instead of waiting (waiting could deadlock)."""
+    await add_tenants(conn, 1)
+    done = await send_many(conn, [Message(tenant_id="t0", phone_number=phone(1), text="a")])
+    holder = await connect(db_url)
+    await holder.execute("BEGIN")
+    await holder.execute("SELECT 1 FROM pgqueue.jobs WHERE id = %s FOR UPDATE", (done[0].job_id,))
+    try:
+        with pytest.raises(ValidationError) as refused:
+            async with asyncio.timeout(3):
+                await jobs.cancel_job(conn, done[0].job_id, queue=Q)
+        assert refused.value.code == "not_cancelable"
+    finally:
+        await holder.execute("ROLLBACK")
+        await holder.close()
+    await jobs.cancel_job(conn, done[0].job_id, queue=Q)  # free again: canceled
+
+
 async def test_cancels_racing_a_running_worker_keep_fifo_and_never_send_a_canceled_job(
     db_url: str, conn: Any, tmp_path: Path
 ) -> None:
