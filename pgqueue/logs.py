@@ -34,6 +34,19 @@ class JsonFormatter(logging.Formatter):
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data, default=str)
 
+    def format_event(
+        self, created: float, level: int, name: str, message: str, fields: dict[str, Any]
+    ) -> str:
+        """The line `format` makes of such a record, without making the record."""
+        data: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+            "level": logging.getLevelName(level).lower(),
+            "logger": name,
+            "msg": message,
+            **fields,
+        }
+        return json.dumps(data, default=str)
+
 
 class PlainFormatter(logging.Formatter):
     def __init__(self) -> None:
@@ -55,6 +68,22 @@ class PlainFormatter(logging.Formatter):
         line = super().format(record)
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict) and fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        return line
+
+    def format_event(
+        self, created: float, level: int, name: str, message: str, fields: dict[str, Any]
+    ) -> str:
+        """The line `format` makes of such a record, without making the record."""
+        second = int(created)
+        if second != self._second:
+            self._second, self._stamp = (
+                second,
+                time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)),
+            )
+        msecs = int((created - second) * 1000)
+        line = f"{self._stamp},{msecs:03d} {logging.getLevelName(level)} {name}: {message}"
+        if fields:
             line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         return line
 
@@ -88,6 +117,11 @@ class BackgroundStreamHandler(logging.Handler):
             return
         self._idle.clear()
         self._lines.put(line)
+
+    def emit_text(self, text: str) -> None:
+        """Queue lines already formatted (each ending in a newline)."""
+        self._idle.clear()
+        self._lines.put(text)
 
     def _write(self) -> None:
         stop = False
@@ -141,6 +175,27 @@ def setup_logging(fmt: str = "plain", level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _direct_handler() -> tuple[BackgroundStreamHandler, PlainFormatter | JsonFormatter] | None:
+    """The handler the job lines go to when nothing but it would see their records:
+    setup_logging's handler on the root logger, with one of our formatters and no
+    filters anywhere on the way (otherwise the records are made and handled as usual)."""
+    logger: logging.Logger | None = job_log
+    while logger is not None and logger.parent is not None:  # up to, not including, root
+        if logger.handlers or logger.filters or not logger.propagate or logger.disabled:
+            return None
+        logger = logger.parent
+    root = logging.getLogger()
+    if root.filters or len(root.handlers) != 1:
+        return None
+    handler = root.handlers[0]
+    if not isinstance(handler, BackgroundStreamHandler) or handler.filters:
+        return None
+    formatter = handler.formatter
+    if type(formatter) is PlainFormatter or type(formatter) is JsonFormatter:
+        return handler, formatter
+    return None
+
+
 def _level(event: str) -> int:
     """`event` is one of processing, completed, retry, failed, released."""
     return logging.WARNING if event in ("failed", "retry", "released") else logging.INFO
@@ -175,6 +230,22 @@ class DeferredJobLog:
             self._timer.cancel()
             self._timer = None
         events, self._events = self._events, []
+        if not events:
+            return
+        direct = _direct_handler()
+        if direct is not None:
+            # Two lines a message: making and handling a LogRecord for each cost the
+            # worker about as much as formatting it, for a result the formatter can
+            # give from the fields alone when nothing else would see the record.
+            handler, formatter = direct
+            handler.emit_text(
+                "".join(
+                    formatter.format_event(created, level, job_log.name, message, fields) + "\n"
+                    for created, level, message, fields in events
+                    if level >= handler.level
+                )
+            )
+            return
         for created, level, message, fields in events:
             record = job_log.makeRecord(
                 job_log.name,
