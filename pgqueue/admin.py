@@ -25,8 +25,8 @@ TOKEN_PREFIX = "pgq_"  # noqa: S105 - a marker, not a secret
 TENANT_PUBLIC = (
     "id, name, account_sid, whatsapp_from, max_concurrency, rate_per_second, paused, "
     "pause_reason, fallback_content_sid, fallback_variable, "
-    "(SELECT count(*) FROM pgqueue.jobs j"
-    " WHERE j.tenant_id = tenants.id AND j.state = 'active')::int AS active, "
+    "coalesce((SELECT f.n FROM pgqueue.tenant_in_flight f"
+    " WHERE f.tenant_id = tenants.id), 0) AS active, "
     "last_served_at, "
     "(SELECT coalesce(sum(x.completed), 0) FROM pgqueue.tenant_totals x"
     " WHERE x.tenant_id = tenants.id)::bigint AS completed_total, "

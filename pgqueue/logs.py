@@ -55,14 +55,16 @@ class PlainFormatter(logging.Formatter):
         self._stamp = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return f"{self._date_and_time(int(record.created))},{int(record.msecs):03d}"
+
+    def _date_and_time(self, second: int) -> str:
         # Two lines per message: format each second's date and time once.
-        second = int(record.created)
         if second != self._second:
             self._second, self._stamp = (
                 second,
                 time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)),
             )
-        return f"{self._stamp},{int(record.msecs):03d}"
+        return self._stamp
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -76,13 +78,8 @@ class PlainFormatter(logging.Formatter):
     ) -> str:
         """The line `format` makes of such a record, without making the record."""
         second = int(created)
-        if second != self._second:
-            self._second, self._stamp = (
-                second,
-                time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second)),
-            )
-        msecs = int((created - second) * 1000)
-        line = f"{self._stamp},{msecs:03d} {logging.getLevelName(level)} {name}: {message}"
+        stamp = f"{self._date_and_time(second)},{int((created - second) * 1000):03d}"
+        line = f"{stamp} {logging.getLevelName(level)} {name}: {message}"
         if fields:
             line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
         return line

@@ -501,9 +501,7 @@ SELECT t.id, coalesce(b.n, 0) AS active,
        t.paused, t.pause_reason
 FROM pgqueue.tenants t
 JOIN pgqueue.queues q ON q.name = %(queue)s
-LEFT JOIN (SELECT j.tenant_id, count(*)::int AS n FROM pgqueue.jobs j
-           WHERE j.state = 'active' GROUP BY j.tenant_id) b
-       ON b.tenant_id = t.id
+LEFT JOIN pgqueue.tenant_in_flight b ON b.tenant_id = t.id
 ORDER BY t.id;
 
 
@@ -684,9 +682,7 @@ SELECT
   greatest((SELECT coalesce(sum(tt.failed), 0) FROM pgqueue.tenant_totals tt), 0) AS failed,
   (SELECT coalesce(jsonb_object_agg(t.id, coalesce(b.n, 0)), '{}'::jsonb)
    FROM pgqueue.tenants t
-   LEFT JOIN (SELECT j.tenant_id, count(*)::int AS n FROM pgqueue.jobs j
-              WHERE j.state = 'active' GROUP BY j.tenant_id) b
-          ON b.tenant_id = t.id) AS tenant_concurrency,
+   LEFT JOIN pgqueue.tenant_in_flight b ON b.tenant_id = t.id) AS tenant_concurrency,
   (SELECT coalesce(array_agg(t.id ORDER BY t.id), '{}') FROM pgqueue.tenants t
    WHERE t.paused) AS paused_tenants,
   (SELECT q.tenant_concurrency FROM pgqueue.queues q WHERE q.name = %(queue)s)
@@ -733,9 +729,7 @@ SELECT t.id, coalesce(b.n, 0) AS active,
        greatest(coalesce(tt.failed, 0), 0) AS failed_total, t.updated_at
 FROM pgqueue.tenants t
 LEFT JOIN pgqueue.queues q ON q.name = %(queue)s
-LEFT JOIN (SELECT j.tenant_id, count(*)::int AS n FROM pgqueue.jobs j
-           WHERE j.state = 'active' GROUP BY j.tenant_id) b
-       ON b.tenant_id = t.id
+LEFT JOIN pgqueue.tenant_in_flight b ON b.tenant_id = t.id
 LEFT JOIN (SELECT x.tenant_id, sum(x.completed) AS completed, sum(x.failed) AS failed
            FROM pgqueue.tenant_totals x GROUP BY x.tenant_id) tt
        ON tt.tenant_id = t.id

@@ -44,9 +44,19 @@ def upgrade() -> None:
     for column in ("active", "completed_total", "failed_total"):
         op.drop_column("tenants", column, schema="pgqueue")
     op.drop_column("queues", "active", schema="pgqueue")
+    op.execute(
+        """
+        CREATE VIEW pgqueue.tenant_in_flight AS
+        -- Each tenant's sends in flight, in all queues, as claims count them against its
+        -- limit (G2). Tenants with none have no row.
+        SELECT tenant_id, count(*)::int AS n FROM pgqueue.jobs
+        WHERE state = 'active' GROUP BY tenant_id
+        """
+    )
 
 
 def downgrade() -> None:
+    op.execute("DROP VIEW pgqueue.tenant_in_flight")
     zero = sa.text("0")
     op.add_column(
         "queues",
