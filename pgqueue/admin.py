@@ -21,17 +21,17 @@ _CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
 TOKEN_PREFIX = "pgq_"  # noqa: S105 - a marker, not a secret
 
 # Tenant columns that are safe to show; the auth token is never read back out. Sends in
-# flight are counted, finished ones summed over the tenant's shards of the totals.
+# flight and finished ones come from the views that count and sum them.
 TENANT_PUBLIC = (
     "id, name, account_sid, whatsapp_from, max_concurrency, rate_per_second, paused, "
     "pause_reason, fallback_content_sid, fallback_variable, "
     "coalesce((SELECT f.n FROM pgqueue.tenant_in_flight f"
     " WHERE f.tenant_id = tenants.id), 0) AS active, "
     "last_served_at, "
-    "(SELECT coalesce(sum(x.completed), 0) FROM pgqueue.tenant_totals x"
-    " WHERE x.tenant_id = tenants.id)::bigint AS completed_total, "
-    "(SELECT greatest(coalesce(sum(x.failed), 0), 0) FROM pgqueue.tenant_totals x"
-    " WHERE x.tenant_id = tenants.id)::bigint AS failed_total, "
+    "coalesce((SELECT f.completed FROM pgqueue.tenant_finished f"
+    " WHERE f.tenant_id = tenants.id), 0) AS completed_total, "
+    "coalesce((SELECT f.failed FROM pgqueue.tenant_finished f"
+    " WHERE f.tenant_id = tenants.id), 0) AS failed_total, "
     "created_at"
 )
 

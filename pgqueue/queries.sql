@@ -167,12 +167,11 @@ WITH q AS (
            1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
 ), busy AS (
-    -- Sends in flight per tenant in all queues (G2) and in this one (G3), counted rather
-    -- than kept in counters: at most the global limits' rows, through the
-    -- one-active-per-conversation index. A
-    -- completion then writes no row a claim writes, and runs beside the claims instead
-    -- of queueing on this lock; one committed after this snapshot is still counted,
-    -- which errs on the safe side.
+    -- Sends in flight per tenant in all queues (G2, as pgqueue.tenant_in_flight counts
+    -- them) and in this one (G3), counted rather than kept in counters: at most the
+    -- global limits' rows, through the one-active-per-conversation index. A completion
+    -- then writes no row a claim writes, and runs beside the claims instead of queueing
+    -- on this lock; one committed after this snapshot is still counted (safe side).
     SELECT j.tenant_id, count(*)::int AS n, count(*) FILTER (WHERE j.queue = %(queue)s) AS here
     FROM pgqueue.jobs j
     WHERE j.state = 'active'
@@ -666,7 +665,7 @@ VALUES (%(tenant_id)s, %(job_id)s, %(to_number)s, %(body)s, %(content_sid)s, %(s
 -- Statements of the HTTP API (pgqueue/api.py), the operations CLI (pgqueue/ops_cli.py)
 -- and the queue statistics (pgqueue/metrics.py). Every count here is cheap on purpose:
 -- live states are counted on the small live table, finished ones come from the tenants'
--- counters (pgqueue.tenant_totals, summed over its shards); nothing counts over
+-- counters (pgqueue.tenant_finished, the sums of tenant_totals' shards); nothing counts over
 -- job_history, so the answer costs the same with a million finished jobs as with none.
 -- =====================================================================================
 
@@ -678,8 +677,8 @@ VALUES (%(tenant_id)s, %(job_id)s, %(to_number)s, %(body)s, %(content_sid)s, %(s
 -- the backlog of unsent messages, never with history.
 SELECT
   c.total - c.active - c.delayed AS waiting, c.active, c.delayed,
-  (SELECT coalesce(sum(tt.completed), 0) FROM pgqueue.tenant_totals tt) AS completed,
-  greatest((SELECT coalesce(sum(tt.failed), 0) FROM pgqueue.tenant_totals tt), 0) AS failed,
+  (SELECT coalesce(sum(f.completed), 0) FROM pgqueue.tenant_finished f) AS completed,
+  (SELECT coalesce(sum(f.failed), 0) FROM pgqueue.tenant_finished f) AS failed,
   (SELECT coalesce(jsonb_object_agg(t.id, coalesce(b.n, 0)), '{}'::jsonb)
    FROM pgqueue.tenants t
    LEFT JOIN pgqueue.tenant_in_flight b ON b.tenant_id = t.id) AS tenant_concurrency,
@@ -701,7 +700,8 @@ FROM (
 -- through the tenant index, its own counters, its own concurrency limit. No row when
 -- the tenant does not exist.
 SELECT c.total - c.active - c.delayed AS waiting, c.active, c.delayed,
-       tt.completed, tt.failed, c.active AS in_flight,
+       coalesce(f.completed, 0) AS completed, coalesce(f.failed, 0) AS failed,
+       c.active AS in_flight,
        coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency_per_tenant,
        t.paused
 FROM pgqueue.tenants t
@@ -713,10 +713,7 @@ CROSS JOIN LATERAL (
     FROM pgqueue.jobs j
     WHERE j.tenant_id = t.id AND j.queue = %(queue)s
 ) c
-CROSS JOIN LATERAL (
-    SELECT coalesce(sum(x.completed), 0) AS completed, greatest(coalesce(sum(x.failed), 0), 0) AS failed
-    FROM pgqueue.tenant_totals x WHERE x.tenant_id = t.id
-) tt
+LEFT JOIN pgqueue.tenant_finished f ON f.tenant_id = t.id
 WHERE t.id = %(tenant_id)s;
 
 
@@ -725,14 +722,12 @@ WHERE t.id = %(tenant_id)s;
 -- (the Prometheus endpoint and `pgqueue stats`). Never the auth token.
 SELECT t.id, coalesce(b.n, 0) AS active,
        coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency,
-       t.paused, t.pause_reason, coalesce(tt.completed, 0) AS completed_total,
-       greatest(coalesce(tt.failed, 0), 0) AS failed_total, t.updated_at
+       t.paused, t.pause_reason, coalesce(f.completed, 0) AS completed_total,
+       coalesce(f.failed, 0) AS failed_total, t.updated_at
 FROM pgqueue.tenants t
 LEFT JOIN pgqueue.queues q ON q.name = %(queue)s
 LEFT JOIN pgqueue.tenant_in_flight b ON b.tenant_id = t.id
-LEFT JOIN (SELECT x.tenant_id, sum(x.completed) AS completed, sum(x.failed) AS failed
-           FROM pgqueue.tenant_totals x GROUP BY x.tenant_id) tt
-       ON tt.tenant_id = t.id
+LEFT JOIN pgqueue.tenant_finished f ON f.tenant_id = t.id
 WHERE %(tenant_id)s::text IS NULL OR t.id = %(tenant_id)s
 ORDER BY t.id;
 

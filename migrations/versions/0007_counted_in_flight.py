@@ -53,9 +53,21 @@ def upgrade() -> None:
         WHERE state = 'active' GROUP BY tenant_id
         """
     )
+    op.execute(
+        """
+        CREATE VIEW pgqueue.tenant_finished AS
+        -- Each tenant's finished sends: the sums over its shards of tenant_totals. An
+        -- operator's retry or clean of dead letters subtracts in a shard of its own, so
+        -- a shard can go below zero; a tenant's sum of failures is never shown below it.
+        SELECT tenant_id, sum(completed)::bigint AS completed,
+               greatest(sum(failed), 0)::bigint AS failed
+        FROM pgqueue.tenant_totals GROUP BY tenant_id
+        """
+    )
 
 
 def downgrade() -> None:
+    op.execute("DROP VIEW pgqueue.tenant_finished")
     op.execute("DROP VIEW pgqueue.tenant_in_flight")
     zero = sa.text("0")
     op.add_column(
