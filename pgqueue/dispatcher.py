@@ -208,6 +208,7 @@ class Dispatcher:
         claim what the freed slots (and any others) allow, and start those sends."""
         batch, self._done = self._done, []
         here = [e for e in batch if e.outcome is not None and e.outcome.needs_queue_lock]
+        written_here = {e.job.id for e in here}
         outcomes = self._outcomes(here)
         claim = queries.Claim(
             worker_id=self.config.worker_id,
@@ -243,7 +244,7 @@ class Dispatcher:
         mine = {r["id"] for r in result.applied}
         for entry in batch:
             self._in_flight.pop(entry.job.id, None)
-            if entry in here:
+            if entry.job.id in written_here:
                 self._log_outcome(entry, entry.job.id in mine)
             else:
                 self._completing[entry.job.id] = entry

@@ -21,15 +21,14 @@ job_log = logging.getLogger("pgqueue.jobs")
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            data.update(fields)
+        data = self._data(
+            record.created,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            fields if isinstance(fields, dict) else {},
+        )
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data, default=str)
@@ -38,14 +37,20 @@ class JsonFormatter(logging.Formatter):
         self, created: float, level: int, name: str, message: str, fields: dict[str, Any]
     ) -> str:
         """The line `format` makes of such a record, without making the record."""
-        data: dict[str, Any] = {
+        data = self._data(created, logging.getLevelName(level), name, message, fields)
+        return json.dumps(data, default=str)
+
+    @staticmethod
+    def _data(
+        created: float, level_name: str, name: str, message: str, fields: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
             "ts": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
-            "level": logging.getLevelName(level).lower(),
+            "level": level_name.lower(),
             "logger": name,
             "msg": message,
             **fields,
         }
-        return json.dumps(data, default=str)
 
 
 class PlainFormatter(logging.Formatter):
@@ -67,11 +72,8 @@ class PlainFormatter(logging.Formatter):
         return self._stamp
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict) and fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-        return line
+        return super().format(record) + _pairs(fields if isinstance(fields, dict) else {})
 
     def format_event(
         self, created: float, level: int, name: str, message: str, fields: dict[str, Any]
@@ -79,10 +81,14 @@ class PlainFormatter(logging.Formatter):
         """The line `format` makes of such a record, without making the record."""
         second = int(created)
         stamp = f"{self._date_and_time(second)},{int((created - second) * 1000):03d}"
-        line = f"{stamp} {logging.getLevelName(level)} {name}: {message}"
-        if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-        return line
+        return f"{stamp} {logging.getLevelName(level)} {name}: {message}" + _pairs(fields)
+
+
+def _pairs(fields: dict[str, Any]) -> str:
+    """A plain line's fields, ` key=value` each; empty ones left out."""
+    if not fields:
+        return ""
+    return " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
 
 
 class BackgroundStreamHandler(logging.Handler):

@@ -161,7 +161,7 @@ async def cycle(
     if claimed is not None:
         result.claimed = await claimed.fetchall()
     row = await end.fetchone() if end is not None else None
-    if row is not None and "rate_wait" in row:
+    if row is not None:
         result.rate_wait, result.due_wait = row["rate_wait"], row["due_wait"]
     return result
 
@@ -196,7 +196,7 @@ async def _turn(
     lock: bool,
 ) -> tuple[Cursor | None, Cursor | None, Cursor | None]:
     """Queue a turn's statements in the open pipeline; returns their cursors (outcomes
-    applied, jobs claimed, the turn's end)."""
+    applied, jobs claimed, the turn's end: none for outcomes only)."""
     if lock:
         await conn.execute(sql("lock_queue"), {"queue": queue})
     applied = None
@@ -218,10 +218,9 @@ async def _turn(
     payload = notify if applied is not None else None
     if claimed is None and not release:
         # Outcomes only: nothing to unlock and no wait to compute, just the wake-up.
-        end = None
         if payload is not None:
-            end = await conn.execute(sql("notify_queue"), {"queue": queue, "payload": payload})
-        return applied, claimed, end
+            await conn.execute(sql("notify_queue"), {"queue": queue, "payload": payload})
+        return applied, claimed, None
     end = await conn.execute(
         sql("turn_end"), {"queue": queue, "release": list(release), "notify": payload}
     )
