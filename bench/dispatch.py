@@ -67,7 +67,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,7 +292,7 @@ async def pgqueue_throughput(ctx: Ctx, n_workers: int, jobs: int, run: int) -> d
         await asyncio.sleep(2.0 if rss else 0.5)
         if rss:
             rss.start()  # idle until the tenants are let go
-        cpu = CpuSplit([p.pid for p in procs], db.worker_backends())
+        cpu = CpuSplit([p.pid for p in procs], db.worker_backends)
         db.pause_all(False)
         try:
             db.wait_completed(n, timeout=300, procs=procs, interval=0.2)
@@ -326,27 +326,32 @@ async def pgqueue_throughput(ctx: Ctx, n_workers: int, jobs: int, run: int) -> d
 class CpuSplit:
     """CPU time the worker processes and their database sessions (this machine's
     server only) use from now on: where a turn's time goes, in a figure less noisy
-    than a rate."""
+    than a rate. Sessions are listed again at the end: a worker opens its completion
+    connection at its first completion, after the start."""
 
-    def __init__(self, workers: Sequence[int], backends: Sequence[int]) -> None:
-        import psutil
-
-        self._procs = [[psutil.Process(p) for p in pids] for pids in (workers, backends)]
-        self._start = [self._cpu(group) for group in self._procs]
+    def __init__(self, workers: Sequence[int], backends: Callable[[], Sequence[int]]) -> None:
+        self._workers = list(workers)
+        self._backends = backends
+        self._start = self._cpu(self._workers), self._cpu(backends())
 
     @staticmethod
-    def _cpu(group: Sequence[Any]) -> float:
+    def _cpu(pids: Sequence[int]) -> dict[int, float]:
         import psutil
 
-        total = 0.0
-        for p in group:
+        times = {}
+        for pid in pids:
             with contextlib.suppress(psutil.Error):
-                t = p.cpu_times()
-                total += t.user + t.system
-        return total
+                t = psutil.Process(pid).cpu_times()
+                times[pid] = t.user + t.system
+        return times
 
     def used(self) -> tuple[float, float]:
-        w, b = (self._cpu(g) - s for g, s in zip(self._procs, self._start, strict=True))
+        """Seconds of CPU since the start: worker processes, database sessions."""
+        ends = self._cpu(self._workers), self._cpu(self._backends())
+        w, b = (
+            sum(t - start.get(pid, 0.0) for pid, t in end.items())
+            for start, end in zip(self._start, ends, strict=True)
+        )
         return w, b
 
 

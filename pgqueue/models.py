@@ -82,8 +82,8 @@ class Job:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in row.items() if k in names})
+        """From a row of claim_jobs, whose columns are exactly these fields."""
+        return cls(**row)
 
     @property
     def preview(self) -> str:

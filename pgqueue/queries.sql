@@ -265,7 +265,7 @@ WITH q AS (
 )
 SELECT c.id, c.queue, c.tenant_id, c.conversation, c.priority, c.to_number, c.from_number,
        c.body, c.content_sid, c.content_variables, c.message_type, c.attempts,
-       c.max_attempts, c.claim_token, c.start_at, c.created_at, c.idempotency_key,
+       c.max_attempts, c.claim_token, c.start_at, c.created_at,
        extract(epoch FROM c.start_at - q.now)::float8 AS start_delay, q.late_ok,
        t.account_sid, t.auth_token, t.whatsapp_from, t.fallback_content_sid,
        t.fallback_variable,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 from typing import Any
@@ -324,3 +325,81 @@ async def test_lost_lock_connection_is_retaken_and_nothing_resent(
     done = await q(conn, "SELECT count(*) AS n FROM pgqueue.job_history WHERE state = 'completed'")
     assert done[0]["n"] == 3
     await counters_match(conn)
+
+
+async def _drain_watching_claims(
+    conn: Any, worker: Any, timeout: float = 30.0
+) -> tuple[int, dict[str, int]]:
+    """Waits for the queue to drain; returns the most jobs the worker held at once
+    (sending or claimed ahead) and the most active jobs per tenant the database showed."""
+    held = 0
+    active: dict[str, int] = {}
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if worker.dispatcher is not None:
+            held = max(held, worker.dispatcher.in_flight)
+        cur = await conn.execute(
+            "SELECT tenant_id, count(*) FILTER (WHERE state = 'active') AS a, count(*) AS n"
+            " FROM pgqueue.jobs GROUP BY tenant_id"
+        )
+        rows = await cur.fetchall()
+        if not rows:
+            return held, active
+        for r in rows:
+            active[r["tenant_id"]] = max(active.get(r["tenant_id"], 0), r["a"])
+        await asyncio.sleep(0.001)
+    raise AssertionError("queue did not drain in time")
+
+
+async def test_claiming_ahead_never_sends_more_than_the_local_concurrency(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
+    # Sends faster than a turn and a lifted rate: the worker claims ahead of its free
+    # slots, and the jobs claimed ahead wait for a local slot.
+    await add_tenants(conn, 3, prefix="wide")
+    await add_tenants(conn, 1, prefix="narrow", max_concurrency=3)
+    await conn.execute(
+        "UPDATE pgqueue.queues SET rate_per_second = 1000000, global_concurrency = 100,"
+        " tenant_concurrency = 100"
+    )
+    tenants = ["wide0", "wide1", "wide2", "narrow0"]
+    await send_many(
+        conn,
+        [Message(tenant_id=tenants[i % 4], phone_number=phone(i), text=f"{i}") for i in range(600)],
+    )
+    record = tmp_path / "r.jsonl"
+    # Sends take a moment (they overlap), yet less than a turn.
+    async with running_worker(
+        db_url, record, concurrency=4, batch_size=4, latency=(0.0005, 0.001)
+    ) as worker:
+        held, active = await _drain_watching_claims(conn, worker)
+    sends = read_sends(record)
+    assert len(sends) == 600
+    assert held > 4, "the worker never claimed ahead of its free slots"
+    assert max_overlap(sends) <= 4
+    # Jobs claimed ahead count against the tenant limit like sends in flight.
+    assert active["narrow0"] <= 3
+    assert max_overlap([s for s in sends if s.tenant == "narrow0"]) <= 3
+    await counters_match(conn)
+
+
+async def test_no_claiming_ahead_while_the_rate_binds_or_sends_are_slow(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
+    await add_tenants(conn, 4)
+    await conn.execute(
+        "UPDATE pgqueue.queues SET global_concurrency = 100, tenant_concurrency = 100"
+    )
+    for rate, latency in ((200, (0.0, 0.0)), (1000000, (0.03, 0.04))):
+        await conn.execute("UPDATE pgqueue.queues SET rate_per_second = %s", (rate,))
+        await send_many(
+            conn,
+            [Message(tenant_id=f"t{i % 4}", phone_number=phone(i), text=f"{i}") for i in range(80)],
+        )
+        record = tmp_path / f"r-{rate}.jsonl"
+        async with running_worker(
+            db_url, record, concurrency=4, batch_size=4, latency=latency
+        ) as worker:
+            held, _ = await _drain_watching_claims(conn, worker)
+        assert len(read_sends(record)) == 80
+        assert held <= 4, f"claimed ahead at rate {rate}/s, sends of {latency} s"
