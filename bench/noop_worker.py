@@ -10,7 +10,6 @@ and memory; `--turn-times FILE` also writes where a full turn's time goes (TurnC
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import json
 import logging
@@ -23,7 +22,7 @@ from pgqueue import queries
 from pgqueue.config import Settings
 from pgqueue.logs import setup_logging
 from pgqueue.models import Job, SendResult
-from pgqueue.worker import Worker, install_signal_handlers
+from pgqueue.worker import Worker, install_signal_handlers, run_loop
 
 
 class NoopProvider:
@@ -111,4 +110,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    raise SystemExit(run_loop(main()))

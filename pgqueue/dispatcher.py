@@ -471,6 +471,7 @@ class Dispatcher:
                 continue
             if delay > 0:
                 await asyncio.sleep(delay)
+                continue  # a timer can fire early (run_loop): look at the clock again
             if time.time() < self._paused_until:
                 await asyncio.sleep(self._paused_until - time.time())
                 start_at = await self._reslot()

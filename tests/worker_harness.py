@@ -7,13 +7,12 @@ production worker (signals, LISTEN, rescuer, maintenance, drain).
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 
 from pgqueue.config import Settings
 from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.logs import setup_logging
-from pgqueue.worker import Worker, install_signal_handlers
+from pgqueue.worker import Worker, install_signal_handlers, run_loop
 from tests.recording import RecordingProvider
 
 
@@ -46,4 +45,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    raise SystemExit(run_loop(main()))
