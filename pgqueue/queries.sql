@@ -198,30 +198,29 @@ WITH q AS (
       AND (t.rate_per_second IS NULL OR t.rate_tat <= q.now)
       AND (SELECT n FROM budget) > 0
 ), candidates AS (
-    SELECT h.id, h.priority, h.seq, ft.id AS tenant_id, ft.active, ft.last_served_at
+    -- Numbered in the tenant's own order, where the index hands them over sorted: the
+    -- k-th puts its tenant at active + k sends in flight.
+    SELECT h.id, h.priority, h.seq, ft.active + h.k AS tenant_load, ft.last_served_at
     FROM free_tenants ft
     CROSS JOIN LATERAL (
-        SELECT j.id, j.priority, j.seq
-        FROM pgqueue.jobs j
-        WHERE j.queue = %(queue)s AND j.tenant_id = ft.id
-          AND j.is_head AND j.state <> 'active'
-          AND j.run_at <= (SELECT now FROM q)
-        ORDER BY j.priority DESC, j.seq
-        -- A tenant's (n+1)-th head can never be among the n chosen: read no more.
-        LIMIT least(ft.free, (SELECT n FROM budget))
+        SELECT x.*, row_number() OVER (ORDER BY x.priority DESC, x.seq) AS k
+        FROM (SELECT j.id, j.priority, j.seq
+              FROM pgqueue.jobs j
+              WHERE j.queue = %(queue)s AND j.tenant_id = ft.id
+                AND j.is_head AND j.state <> 'active'
+                AND j.run_at <= (SELECT now FROM q)
+              ORDER BY j.priority DESC, j.seq
+              -- A tenant's (n+1)-th head can never be among the n chosen: read no more.
+              LIMIT least(ft.free, (SELECT n FROM budget))) x
     ) h
-), ranked AS (
-    SELECT c.*,
-           c.active + row_number() OVER (PARTITION BY c.tenant_id ORDER BY c.priority DESC, c.seq)
-               AS tenant_load
-    FROM candidates c
 ), chosen AS (
-    SELECT r.id,
-           row_number() OVER (ORDER BY r.priority DESC, r.tenant_load,
-                                       r.last_served_at NULLS FIRST, r.seq) AS pick
-    FROM ranked r
-    ORDER BY r.priority DESC, r.tenant_load, r.last_served_at NULLS FIRST, r.seq
-    LIMIT (SELECT n FROM budget)
+    -- The n first, through a sort that keeps only n rows, then numbered.
+    SELECT c.id,
+           row_number() OVER (ORDER BY c.priority DESC, c.tenant_load,
+                                       c.last_served_at NULLS FIRST, c.seq) AS pick
+    FROM (SELECT * FROM candidates
+          ORDER BY priority DESC, tenant_load, last_served_at NULLS FIRST, seq
+          LIMIT (SELECT n FROM budget)) c
 ), locked AS (
     -- Only the chosen rows are locked (candidates of other tenants stay free for other
     -- claimers); a row that changed meanwhile is skipped, never waited for.

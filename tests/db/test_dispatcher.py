@@ -7,6 +7,8 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+from pgqueue import queries
+from pgqueue.db import connect
 from pgqueue.models import Message
 from tests.helpers import add_tenants, phone, running_worker, send_many, wait_until_drained
 from tests.recording import max_overlap, read_sends
@@ -403,3 +405,45 @@ async def test_no_claiming_ahead_while_the_rate_binds_or_sends_are_slow(
             held, _ = await _drain_watching_claims(conn, worker)
         assert len(read_sends(record)) == 80
         assert held <= 4, f"claimed ahead at rate {rate}/s, sends of {latency} s"
+
+
+async def test_one_claim_spreads_over_tenants_by_the_sends_it_hands_out(
+    db_url: str, conn: Any
+) -> None:
+    # G6 inside a single claim: each job a claim hands a tenant counts as in flight for
+    # that tenant's next one, so two idle tenants share a claim of 4; and priority comes
+    # before fewer sends in flight (G5).
+    await add_tenants(conn, 3)
+    await conn.execute("UPDATE pgqueue.queues SET rate_per_second = 1000000")
+    await send_many(
+        conn,
+        [Message(tenant_id="t0", phone_number=phone(i), text=f"a{i}") for i in range(10)]
+        + [Message(tenant_id="t1", phone_number=phone(i), text=f"b{i}") for i in range(10)],
+    )
+    worker = await connect(db_url, application_name="pgqueue-worker:order")
+    try:
+
+        async def claim(n: int) -> list[str]:
+            rows = await queries.claim_jobs(
+                worker,
+                queue="whatsapp-send",
+                worker_id="order",
+                max_jobs=n,
+                lease_s=60,
+                lookahead_s=5,
+            )
+            return [r["body"] for r in rows]
+
+        assert sorted(await claim(4)) == ["a0", "a1", "b0", "b1"]
+        await send_many(
+            conn,
+            [
+                Message(tenant_id="t0", phone_number=phone(50), text="urgent", priority=5),
+                Message(tenant_id="t2", phone_number=phone(51), text="c0"),
+            ],
+        )
+        # t0 has 2 in flight, t2 none: t0's higher priority still goes first, then t2.
+        assert await claim(1) == ["urgent"]
+        assert await claim(1) == ["c0"]
+    finally:
+        await worker.close()
