@@ -1,4 +1,5 @@
-"""The dispatcher: wake, claim only what local slots allow, send, complete.
+"""The dispatcher: wake, claim only what local slots allow (and, while that costs
+nothing, a batch ahead: Dispatcher._ahead), send, complete.
 
 One dispatcher per worker process. It owns the process's *lock connection*: claims run
 there, so the conversation advisory locks they take (G1, G9) belong to this process's
