@@ -327,7 +327,8 @@ class CpuSplit:
     """CPU time the worker processes and their database sessions (this machine's
     server only) use from now on: where a turn's time goes, in a figure less noisy
     than a rate. Sessions are listed again at the end: a worker opens its completion
-    connection at its first completion, after the start."""
+    connection at its first completion, after the start. One that ends before the end
+    (a reconnect) is left out: none does in a drain that finishes."""
 
     def __init__(self, workers: Sequence[int], backends: Callable[[], Sequence[int]]) -> None:
         self._workers = list(workers)

@@ -55,7 +55,8 @@ SLOT_LEAD_S = 0.005
 FAR_SLOT_S = 0.5
 # The completer starts at the latest this long after a turn handed it outcomes.
 COMPLETER_DELAY_S = 0.002
-# Weight of the newest sample in the running means of send and turn durations.
+# Weight of the newest sample in the running means of send and turn durations: about
+# the last ten count, so a provider slowing down stops claiming ahead within a turn or two.
 EWMA_WEIGHT = 0.2
 
 
@@ -131,13 +132,16 @@ class Dispatcher:
         self._reslot_task: asyncio.Task[None] | None = None
         self._job_log = DeferredJobLog()
         self._lead = SLOT_LEAD_S if getattr(provider, "waits_for_slot", False) else 0.0
-        # Sends running at once in this process, whatever was claimed ahead.
+        # The local limit (--concurrency) holds for sends, not for claims: jobs claimed
+        # ahead wait here.
         self._sending = asyncio.Semaphore(config.concurrency)
-        # Running means (s) of a send and of a turn, and whether the last claim said a
-        # late start cannot break the rate (late_ok): when to claim ahead.
+        # Running means (s) of a send and of a turn, and what the last claim said: a
+        # late start cannot break the rate (late_ok), the global slots it left free.
+        # When to claim ahead (_ahead).
         self._send_s = math.inf
         self._turn_s = math.inf
         self._late_ok = False
+        self._global_free = 0
 
     # -- the lock connection -------------------------------------------------------------
 
@@ -221,12 +225,16 @@ class Dispatcher:
         active (counted in flight by every limit, G2 and G3) and waits here for a local
         slot, so the next claim overlaps the current sends instead of following them.
         Only while that costs nothing: sends finish faster than a turn (the job waits
-        less than the claim it saves, and holds its tenant's slot no longer), and the
-        rate is so far above what can be in flight that its start may come late
-        (late_ok: claim_jobs in queries.sql); with a provider taking 150 ms at 80/s,
-        never."""
-        if self._late_ok and self._send_s < self._turn_s:
-            return self.config.claim_ahead
+        less than the claim it saves, and holds its tenant's slot no longer); the rate
+        is so far above what can be in flight that its start may come late (late_ok:
+        claim_jobs in queries.sql; not for a tenant with a rate of its own); and the
+        global limit leaves at least as many slots free as claiming ahead takes, so it
+        never takes the last ones another worker could send with now. With a provider
+        taking 150 ms at 80/s, never. The last claim's word counts: a change of the
+        limits shows from the next claim on."""
+        ahead = self.config.claim_ahead
+        if self._late_ok and self._global_free >= 2 * ahead and self._send_s < self._turn_s:
+            return ahead
         return 0
 
     async def turn(self) -> queries.CycleResult:
@@ -284,7 +292,8 @@ class Dispatcher:
             # work overlaps that turn's wait for the server; or a moment later.
             asyncio.get_running_loop().call_later(COMPLETER_DELAY_S, self._start_completer)
         if result.claimed:
-            self._late_ok = bool(result.claimed[0]["late_ok"])
+            self._late_ok = all(row["late_ok"] for row in result.claimed)
+            self._global_free = result.claimed[0]["global_free"]
         for row in result.claimed:
             job = Job.from_row(row)
             entry = _InFlight(job)

@@ -79,10 +79,14 @@ class Job:
     # The rate is so far above what can be in flight that a late start cannot break G4
     # (claim_jobs in queries.sql): no need to take a new slot when late.
     late_ok: bool = False
+    # The global slots the claim left free (G3), for the dispatcher to tell whether
+    # claiming ahead would crowd other workers out.
+    global_free: int = 0
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
-        """From a row of claim_jobs, whose columns are exactly these fields."""
+        """From a row of claim_jobs, whose columns are exactly these fields (a column
+        without its field fails every claim: the dispatcher tests catch it at once)."""
         return cls(**row)
 
     @property

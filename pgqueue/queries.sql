@@ -156,7 +156,11 @@ SELECT name FROM pgqueue.queues WHERE name = %(queue)s FOR UPDATE;
 --    Lateness matters only while the rate can bind, though: in any window, the starts
 --    are at most its slots (h * R + 1) plus the late ones of earlier slots, and those
 --    are jobs in flight, at most the global limit G. When h * R + 1 + G <= R, no
---    lateness can break G4, and `late_ok` tells the dispatcher so (a lifted rate);
+--    lateness can break G4, and `late_ok` tells the dispatcher so (a lifted rate),
+--    except for a tenant with a rate of its own; jobs the dispatcher holds before
+--    their start (claimed ahead) stay active, so they are among those G;
+--  * `global_free`: the global slots this claim left free, for the dispatcher to
+--    claim ahead only where that cannot crowd other workers out;
 --  * the conversation's advisory lock is taken in the same statement (G9): a job is
 --    never active and committed while its owner does not hold that lock.
 WITH q AS (
@@ -177,14 +181,15 @@ WITH q AS (
     WHERE j.state = 'active'
     GROUP BY j.tenant_id
 ), budget AS (
+    -- f: the free global slots.
     SELECT least(
                %(max_jobs)s,
-               global_concurrency - (SELECT coalesce(sum(here), 0) FROM busy)::int,
+               f,
                CASE WHEN base > now + make_interval(secs => %(lookahead)s) THEN 0
                     ELSE floor(extract(epoch FROM now - base + make_interval(secs => %(lookahead)s))
                                / spacing)::int + 1
-               END) AS n
-    FROM q
+               END) AS n, f
+    FROM q, LATERAL (SELECT global_concurrency - coalesce(sum(here), 0)::int AS f FROM busy) g
 ), free_tenants AS (
     SELECT t.id, coalesce(b.n, 0) AS active, t.last_served_at,
            CASE WHEN t.rate_per_second IS NULL
@@ -265,7 +270,9 @@ WITH q AS (
 SELECT c.id, c.queue, c.tenant_id, c.conversation, c.priority, c.to_number, c.from_number,
        c.body, c.content_sid, c.content_variables, c.message_type, c.attempts,
        c.max_attempts, c.claim_token, c.start_at, c.created_at,
-       extract(epoch FROM c.start_at - q.now)::float8 AS start_delay, q.late_ok,
+       extract(epoch FROM c.start_at - q.now)::float8 AS start_delay,
+       q.late_ok AND t.rate_per_second IS NULL AS late_ok,
+       (SELECT f FROM budget) - count(*) OVER () AS global_free,
        t.account_sid, t.auth_token, t.whatsapp_from, t.fallback_content_sid,
        t.fallback_variable,
        hashtextextended(c.queue || chr(31) || c.conversation, 0) AS lock_key,

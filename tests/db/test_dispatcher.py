@@ -372,7 +372,7 @@ async def test_claiming_ahead_never_sends_more_than_the_local_concurrency(
     record = tmp_path / "r.jsonl"
     # Sends take a moment (they overlap), yet less than a turn.
     async with running_worker(
-        db_url, record, concurrency=4, batch_size=4, latency=(0.0005, 0.001)
+        db_url, record, concurrency=4, batch_size=4, latency=(0.0003, 0.0006)
     ) as worker:
         held, active = await _drain_watching_claims(conn, worker)
     sends = read_sends(record)
@@ -392,19 +392,28 @@ async def test_no_claiming_ahead_while_the_rate_binds_or_sends_are_slow(
     await conn.execute(
         "UPDATE pgqueue.queues SET global_concurrency = 100, tenant_concurrency = 100"
     )
-    for rate, latency in ((200, (0.0, 0.0)), (1000000, (0.03, 0.04))):
-        await conn.execute("UPDATE pgqueue.queues SET rate_per_second = %s", (rate,))
+    fast = (0.0003, 0.0006)
+    cases = [
+        (200, fast, 100),  # the rate can bind
+        (1000000, (0.03, 0.04), 100),  # sends slower than a turn
+        (1000000, fast, 30),  # claiming ahead would take half the free global slots
+    ]
+    for case, (rate, latency, limit) in enumerate(cases):
+        await conn.execute(
+            "UPDATE pgqueue.queues SET rate_per_second = %s, global_concurrency = %s",
+            (rate, limit),
+        )
         await send_many(
             conn,
             [Message(tenant_id=f"t{i % 4}", phone_number=phone(i), text=f"{i}") for i in range(80)],
         )
-        record = tmp_path / f"r-{rate}.jsonl"
+        record = tmp_path / f"r-{case}.jsonl"
         async with running_worker(
             db_url, record, concurrency=4, batch_size=4, latency=latency
         ) as worker:
             held, _ = await _drain_watching_claims(conn, worker)
         assert len(read_sends(record)) == 80
-        assert held <= 4, f"claimed ahead at rate {rate}/s, sends of {latency} s"
+        assert held <= 4, f"claimed ahead: rate {rate}/s, sends of {latency} s, global {limit}"
 
 
 async def test_one_claim_spreads_over_tenants_by_the_sends_it_hands_out(
@@ -447,3 +456,23 @@ async def test_one_claim_spreads_over_tenants_by_the_sends_it_hands_out(
         assert await claim(1) == ["c0"]
     finally:
         await worker.close()
+
+
+async def test_a_job_claimed_ahead_and_cut_short_by_a_drain_goes_back_unspent() -> None:
+    # A job claimed ahead waits for a local slot; a drain that cancels it there must
+    # still hand it back (released, the attempt not spent) like a send it cut short.
+    from pgqueue.dispatcher import Dispatcher, DispatcherConfig, _InFlight
+    from tests.db.test_providers import make_job
+
+    dispatcher = Dispatcher("postgresql://unused", provider=None, config=DispatcherConfig())  # type: ignore[arg-type]
+    for _ in range(dispatcher.config.concurrency):
+        await dispatcher._sending.acquire()  # every local slot busy
+    entry = _InFlight(make_job(late_ok=True))
+    task = asyncio.create_task(dispatcher._send(entry))
+    await asyncio.sleep(0.01)
+    assert not task.done(), "the send did not wait for a local slot"
+    task.cancel()
+    await task
+    assert entry.outcome is not None
+    assert (entry.outcome.kind, entry.outcome.code) == ("release", "worker-shutdown")
+    assert dispatcher._done == [entry]
