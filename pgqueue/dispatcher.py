@@ -291,11 +291,11 @@ class Dispatcher:
             # Started by the next turn once its statements are out, so that its Python
             # work overlaps that turn's wait for the server; or a moment later.
             asyncio.get_running_loop().call_later(COMPLETER_DELAY_S, self._start_completer)
-        if result.claimed:
-            self._late_ok = all(row["late_ok"] for row in result.claimed)
-            self._global_free = result.claimed[0]["global_free"]
-        for row in result.claimed:
-            job = Job.from_row(row)
+        jobs = [Job.from_row(row) for row in result.claimed]
+        if jobs:
+            self._late_ok = all(job.late_ok for job in jobs)
+            self._global_free = jobs[0].global_free
+        for job in jobs:
             entry = _InFlight(job)
             self._in_flight[job.id] = entry
             entry.task = asyncio.create_task(self._send(entry), name=f"send-{job.id}")
