@@ -48,6 +48,7 @@ class TurnClock:
         self.full = full
         # (start, statements queued, on_sent done, answer), whether the turn was full
         self.turns: list[tuple[float, float, float, float, bool]] = []
+        self.claims: list[int] = []  # jobs claimed by each full turn
         self._cycle = queries.cycle
 
     async def cycle(self, conn: queries.Conn, **kw: Any) -> queries.CycleResult:
@@ -65,6 +66,8 @@ class TurnClock:
         if len(sent) == 2:
             full = len(result.claimed) >= self.full
             self.turns.append((start, sent[0], sent[1], time.perf_counter(), full))
+            if full:
+                self.claims.append(len(result.claimed))
         return result
 
     def summary(self) -> dict[str, float] | None:
@@ -77,6 +80,7 @@ class TurnClock:
         ms = 1000.0
         return {
             "turns": len(t),
+            "claimed": statistics.median(self.claims),
             "queue_ms": statistics.median(b - a for a, b, *_ in t) * ms,
             "on_sent_ms": statistics.median(c - b for _, b, c, *_ in t) * ms,
             "server_ms": statistics.median(d - c for _, _, c, d, _ in t) * ms,

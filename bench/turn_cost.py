@@ -135,6 +135,11 @@ async def main() -> int:
     p.add_argument("--database-url")
     p.add_argument("--turns", type=int, default=300)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 20])
+    p.add_argument(
+        "--setup-sql",
+        help="SQL run on the backlog before measuring (to size a schema change before"
+        " writing its migration)",
+    )
     args = p.parse_args()
     if max(args.batch) * args.turns > TENANTS * PHONES * PER_CONVERSATION:
         p.error("the backlog holds 20,000 jobs: fewer turns or smaller batches")
@@ -145,6 +150,8 @@ async def main() -> int:
             db.install()
             db.prepare(TENANTS, LIFTED_LIMITS)
             await db.enqueue(backlog(range(TENANTS), PHONES, PER_CONVERSATION))
+            if args.setup_sql:
+                db.sql(args.setup_sql)
             db.settle()
             results = {}
             for batch in args.batch:

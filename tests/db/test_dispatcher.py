@@ -372,12 +372,15 @@ async def test_claiming_ahead_never_sends_more_than_the_local_concurrency(
     record = tmp_path / "r.jsonl"
     # Sends take a moment (they overlap), yet less than a turn.
     async with running_worker(
-        db_url, record, concurrency=4, batch_size=4, latency=(0.0003, 0.0006)
+        db_url, record, concurrency=4, batch_size=4, claim_ahead=6, latency=(0.0003, 0.0006)
     ) as worker:
         held, active = await _drain_watching_claims(conn, worker)
     sends = read_sends(record)
     assert len(sends) == 600
     assert held > 4, "the worker never claimed ahead of its free slots"
+    assert worker.dispatcher is not None
+    assert 4 < worker.dispatcher.stats.largest_claim <= 4 + 6, "claims of one batch only"
+    assert held <= 4 + 6, "held more than its slots and claim_ahead"
     assert max_overlap(sends) <= 4
     # Jobs claimed ahead count against the tenant limit like sends in flight.
     assert active["narrow0"] <= 3
