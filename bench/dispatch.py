@@ -566,7 +566,7 @@ async def fig_throughput(ctx: Ctx) -> Section:
     if turns:
         s.details.append(
             "pgqueue 1 worker: a turn that fills its 20 slots, medians of the runs' medians: "
-            f"claims {median([t.get('claimed', math.nan) for t in turns]):.0f} jobs, queueing its "
+            f"claims {median([t['claimed'] for t in turns]):.0f} jobs, queueing its "
             f"statements {median([t['queue_ms'] for t in turns]):.2f} ms, job log lines "
             f"while the server works {median([t['on_sent_ms'] for t in turns]):.2f} ms, "
             f"waiting for the server {median([t['server_ms'] for t in turns]):.2f} ms, "

@@ -46,9 +46,8 @@ class TurnClock:
 
     def __init__(self, full: int) -> None:
         self.full = full
-        # (start, statements queued, on_sent done, answer), whether the turn was full
-        self.turns: list[tuple[float, float, float, float, bool]] = []
-        self.claims: list[int] = []  # jobs claimed by each full turn
+        # (start, statements queued, on_sent done, answer, jobs claimed)
+        self.turns: list[tuple[float, float, float, float, int]] = []
         self._cycle = queries.cycle
 
     async def cycle(self, conn: queries.Conn, **kw: Any) -> queries.CycleResult:
@@ -64,23 +63,20 @@ class TurnClock:
 
         result = await self._cycle(conn, **{**kw, "on_sent": mark})
         if len(sent) == 2:
-            full = len(result.claimed) >= self.full
-            self.turns.append((start, sent[0], sent[1], time.perf_counter(), full))
-            if full:
-                self.claims.append(len(result.claimed))
+            self.turns.append((start, sent[0], sent[1], time.perf_counter(), len(result.claimed)))
         return result
 
     def summary(self) -> dict[str, float] | None:
         """Medians in ms, or None when too few full turns were seen to say anything."""
-        t = [turn for turn in self.turns if turn[4]]
+        t = [turn for turn in self.turns if turn[4] >= self.full]
         if len(t) < 3:
             return None
         pairs = zip(self.turns, self.turns[1:], strict=False)
-        gaps = [b[0] - a[3] for a, b in pairs if a[4] and b[4]]
+        gaps = [b[0] - a[3] for a, b in pairs if min(a[4], b[4]) >= self.full]
         ms = 1000.0
         return {
             "turns": len(t),
-            "claimed": statistics.median(self.claims),
+            "claimed": statistics.median(turn[4] for turn in t),
             "queue_ms": statistics.median(b - a for a, b, *_ in t) * ms,
             "on_sent_ms": statistics.median(c - b for _, b, c, *_ in t) * ms,
             "server_ms": statistics.median(d - c for _, _, c, d, _ in t) * ms,

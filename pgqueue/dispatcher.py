@@ -233,8 +233,8 @@ class Dispatcher:
         less than the claim it saves, and holds its tenant's slot no longer); the rate
         is so far above what can be in flight that its start may come late (late_ok:
         claim_jobs in queries.sql; not for a tenant with a rate of its own); and the
-        global limit leaves at least as many slots free as claiming ahead takes, so it
-        never takes the last ones another worker could send with now. With a provider
+        last claim left at least twice `claim_ahead` global slots free, so claiming
+        ahead never takes the last ones another worker could send with now. With a provider
         taking 150 ms at 80/s, never. The last claim's word counts: a change of the
         limits shows from the next claim on."""
         ahead = self.config.claim_ahead
