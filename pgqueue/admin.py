@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ TOKEN_PREFIX = "pgq_"  # noqa: S105 - a marker, not a secret
 # Tenant columns that are safe to show; the auth token is never read back out. Sends in
 # flight and finished ones come from the views that count and sum them.
 TENANT_PUBLIC = (
-    "id, name, account_sid, whatsapp_from, max_concurrency, rate_per_second, paused, "
+    "id, name, account_sid, whatsapp_from, senders, max_concurrency, rate_per_second, paused, "
     "pause_reason, fallback_content_sid, fallback_variable, "
     "coalesce((SELECT f.n FROM pgqueue.tenant_in_flight f"
     " WHERE f.tenant_id = tenants.id), 0) AS active, "
@@ -71,6 +72,10 @@ def _positive_rate(value: float | None, name: str) -> float | None:
     return value
 
 
+def _senders(values: Sequence[str], field: str) -> list[str]:
+    return sorted({normalize_phone(v, field=field) for v in values})
+
+
 async def add_tenant(
     conn: queries.Conn,
     *,
@@ -78,17 +83,21 @@ async def add_tenant(
     account_sid: str,
     auth_token: str,
     whatsapp_from: str,
+    senders: Sequence[str] = (),
     name: str | None = None,
     max_concurrency: int | None = None,
     rate_per_second: float | None = None,
 ) -> dict[str, Any]:
+    """`whatsapp_from` is the default sender; `senders` the others a message may name."""
     validate_tenant_id(tenant_id)
+    default = normalize_phone(whatsapp_from, field="from")
+    others = [n for n in _senders(senders, "sender") if n != default]
     row = await (
         await conn.execute(
             f"""INSERT INTO pgqueue.tenants
-                    (id, name, account_sid, auth_token, whatsapp_from, max_concurrency,
-                     rate_per_second)
-                VALUES (%s, %s, %s, %s, %s, %s, %s)
+                    (id, name, account_sid, auth_token, whatsapp_from, senders,
+                     max_concurrency, rate_per_second)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                 ON CONFLICT (id) DO NOTHING
                 RETURNING {TENANT_PUBLIC}""",
             (
@@ -96,7 +105,8 @@ async def add_tenant(
                 name or tenant_id,
                 _account_sid(account_sid),
                 _auth_token(auth_token),
-                normalize_phone(whatsapp_from, field="from"),
+                default,
+                others,
                 _positive_int(max_concurrency, "max_concurrency"),
                 _positive_rate(rate_per_second, "rate"),
             ),
@@ -137,6 +147,8 @@ async def set_tenant(
     account_sid: str | None = None,
     auth_token: str | None = None,
     whatsapp_from: str | None = None,
+    add_senders: Sequence[str] = (),
+    remove_senders: Sequence[str] = (),
     max_concurrency: int | None = _UNSET,
     rate_per_second: float | None = _UNSET,
     paused: bool | None = None,
@@ -154,6 +166,17 @@ async def set_tenant(
         changes["auth_token"] = _auth_token(auth_token)
     if whatsapp_from is not None:
         changes["whatsapp_from"] = normalize_phone(whatsapp_from, field="from")
+    if add_senders or remove_senders:
+        current = await get_tenant(conn, tenant_id)
+        removed = set(_senders(remove_senders, "remove_sender"))
+        default = changes.get("whatsapp_from", current["whatsapp_from"])
+        if default in removed:
+            raise ValidationError(
+                f"{default} is the tenant's default sender; set another with --from first",
+                field="remove_sender",
+            )
+        kept = set(current["senders"]) - removed
+        changes["senders"] = sorted((kept | set(_senders(add_senders, "add_sender"))) - {default})
     if max_concurrency is not _UNSET:
         changes["max_concurrency"] = _positive_int(max_concurrency, "max_concurrency")
     if rate_per_second is not _UNSET:

@@ -47,6 +47,7 @@ from pgqueue.enqueue import (
     BatchValidationError,
     enqueue_whatsapp_send,
     enqueue_whatsapp_send_batch,
+    refusal,
     validate,
 )
 from pgqueue.errors import (
@@ -59,7 +60,7 @@ from pgqueue.errors import (
     ValidationError,
 )
 from pgqueue.metrics import queue_metrics
-from pgqueue.models import Enqueued, Job, Message
+from pgqueue.models import Enqueued, Job, Message, conversation_id
 from pgqueue.statuses import apply_status
 
 log = logging.getLogger("pgqueue.api")
@@ -459,7 +460,7 @@ def job_json(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "id": int(row["id"]),
         "tenantId": row["tenant_id"],
-        "conversationId": row["conversation"],
+        "conversationId": conversation_id(row["tenant_id"], row["conversation"]),
         "state": row["state"],
         "attempts": int(row["attempts"]),
         "maxAttempts": int(row["max_attempts"]),
@@ -757,22 +758,12 @@ class Api:
             tenant = await queries.fetch_one(
                 conn, "api_tenant_credentials", {"tenant_id": row.tenant_id}
             )
-            refusal = await queries.fetch_one(
-                conn,
-                "enqueue_refusal",
-                {"tenant_id": row.tenant_id, "to_number": row.to_number},
-            )
+            refused = await refusal(conn, row)
+        if refused is not None:
+            raise refused
         if tenant is None:
             raise ValidationError(
                 f"unknown tenant {row.tenant_id!r}", code="unknown_tenant", field="tenantId"
-            )
-        if refusal is not None and refusal["suppressed_code"] is not None:
-            raise ValidationError(
-                f"{row.to_number} does not receive messages from this tenant any more "
-                f"(provider error {refusal['suppressed_code']}); remove it from the "
-                "suppression list first if the customer opted in again",
-                code="number_suppressed",
-                field="phoneNumber",
             )
         if tenant["paused"]:
             raise HttpError(

@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--account-sid", required=True)
     add.add_argument("--auth-token", required=True)
     add.add_argument("--from", dest="whatsapp_from", required=True, help="WhatsApp sender, E.164")
+    add.add_argument(
+        "--sender",
+        action="append",
+        default=[],
+        help="another WhatsApp sender of the tenant a message may name as fromNumber (repeatable)",
+    )
     add.add_argument("--name")
     add.add_argument("--max-concurrency", type=int)
     add.add_argument("--rate", type=_nonneg_float, help="own sends/s limit")
@@ -87,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     tset.add_argument("--name")
     tset.add_argument("--account-sid")
     tset.add_argument("--auth-token")
-    tset.add_argument("--from", dest="whatsapp_from")
+    tset.add_argument("--from", dest="whatsapp_from", help="the default WhatsApp sender")
+    tset.add_argument("--add-sender", action="append", default=[], help="(repeatable)")
+    tset.add_argument("--remove-sender", action="append", default=[], help="(repeatable)")
     tset.add_argument(
         "--max-concurrency",
         type=_int_or_default,
@@ -149,8 +157,14 @@ def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: 
     for c in columns:
         table.add_column(c)
     for r in rows:
-        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+        table.add_row(*(_cell(r.get(c)) for c in columns))
     Console().print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _json(value: Any) -> None:
@@ -175,6 +189,7 @@ async def _tenant(args: argparse.Namespace, settings: Settings) -> int:
                 account_sid=args.account_sid,
                 auth_token=args.auth_token,
                 whatsapp_from=args.whatsapp_from,
+                senders=args.sender,
                 name=args.name,
                 max_concurrency=args.max_concurrency,
                 rate_per_second=args.rate,
@@ -191,6 +206,7 @@ async def _tenant(args: argparse.Namespace, settings: Settings) -> int:
                         "id",
                         "name",
                         "whatsapp_from",
+                        "senders",
                         "max_concurrency",
                         "rate_per_second",
                         "active",
@@ -212,6 +228,8 @@ async def _tenant(args: argparse.Namespace, settings: Settings) -> int:
                 account_sid=args.account_sid,
                 auth_token=args.auth_token,
                 whatsapp_from=args.whatsapp_from,
+                add_senders=args.add_sender,
+                remove_senders=args.remove_sender,
                 max_concurrency=args.max_concurrency,
                 rate_per_second=args.rate,
                 paused=True if args.pause else (False if args.resume else None),

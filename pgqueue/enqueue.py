@@ -23,13 +23,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import queries
 from pgqueue.errors import ValidationError
-from pgqueue.models import Enqueued, Message
+from pgqueue.models import Enqueued, Message, conversation_key
 
 MAX_TEXT = 1600
 MAX_BATCH = 1000
 MAX_KEY = 200
 MAX_VARIABLES_JSON = 4096
 MAX_SCHEDULE_AHEAD = timedelta(days=365)
+# A sendAt in the past means "now"; one further back than this is a client's bug (and a
+# year-1 moment is not even representable in UTC once read back).
+MAX_SCHEDULE_BEHIND = timedelta(days=1)
 _CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
 _MESSAGE_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
@@ -147,10 +150,11 @@ def validate(message: Message, *, now: datetime | None = None) -> _Row:
             "a message needs text or contentSid", code="missing_content", field="text"
         )
 
-    conversation = (
-        f"{tenant_id}:{to_number}"
+    conversation = conversation_key(
+        tenant_id,
+        to_number
         if message.conversation_id is None
-        else _text(message.conversation_id, "conversationId", max_len=MAX_KEY)
+        else _text(message.conversation_id, "conversationId", max_len=MAX_KEY),
     )
     priority = message.priority
     if priority is not None and (
@@ -226,9 +230,16 @@ def _send_at(value: object, now: datetime) -> datetime | None:
             code="invalid_send_at",
             field="sendAt",
         )
-    if value - now > MAX_SCHEDULE_AHEAD:
+    ahead = value - now
+    if ahead > MAX_SCHEDULE_AHEAD:
         raise ValidationError(
             "sendAt must be within a year from now", code="invalid_send_at", field="sendAt"
+        )
+    if ahead < -MAX_SCHEDULE_BEHIND:
+        raise ValidationError(
+            "sendAt is more than a day in the past; leave it out to send now",
+            code="invalid_send_at",
+            field="sendAt",
         )
     return value
 
@@ -278,20 +289,43 @@ async def _connection(source: ConnSource) -> AsyncIterator[queries.Conn]:
         yield source
 
 
-async def _refusal(conn: queries.Conn, row: _Row) -> ValidationError:
+async def refusal(conn: queries.Conn, row: _Row) -> ValidationError | None:
+    """Why this message may not be sent (the reasons enqueue_job checks), or None."""
     why = await queries.fetch_one(
-        conn, "enqueue_refusal", {"tenant_id": row.tenant_id, "to_number": row.to_number}
+        conn,
+        "enqueue_refusal",
+        {"tenant_id": row.tenant_id, "to_number": row.to_number, "from_number": row.from_number},
     )
     if why is None or not why["tenant_exists"]:
         return ValidationError(
             f"unknown tenant {row.tenant_id!r}", code="unknown_tenant", field="tenantId"
         )
-    return ValidationError(
-        f"{row.to_number} does not receive messages from this tenant any more "
-        f"(provider error {why['suppressed_code']}); remove it from the suppression list "
-        "first if the customer opted in again",
-        code="number_suppressed",
-        field="phoneNumber",
+    if not why["sender_allowed"]:
+        return ValidationError(
+            f"fromNumber {row.from_number} is not one of this tenant's WhatsApp senders; "
+            "leave it out to use the default sender, or ask an operator to add it "
+            "(`pgqueue tenant set ID --add-sender NUMBER`)",
+            code="unknown_sender",
+            field="fromNumber",
+        )
+    if why["suppressed_code"] is not None:
+        return ValidationError(
+            f"{row.to_number} does not receive messages from this tenant any more "
+            f"(provider error {why['suppressed_code']}); remove it from the suppression list "
+            "first if the customer opted in again",
+            code="number_suppressed",
+            field="phoneNumber",
+        )
+    return None
+
+
+async def _refusal(conn: queries.Conn, row: _Row) -> ValidationError:
+    # The refused insert and this look are two snapshots: an operator may have changed
+    # the tenant in between. The client's retry then sees the new state.
+    return await refusal(conn, row) or ValidationError(
+        "the tenant's settings changed while the message was enqueued; retry the request",
+        code="tenant_changed",
+        field="tenantId",
     )
 
 
@@ -416,6 +450,7 @@ async def _insert_batch(
             {
                 "tenant_ids": [r.tenant_id for r in batch],
                 "to_numbers": [r.to_number for r in batch],
+                "from_numbers": _column([r.from_number for r in batch]),
             },
         )
         if refused is not None:

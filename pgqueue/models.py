@@ -20,6 +20,20 @@ class JobState(enum.StrEnum):
     FAILED = "failed"
 
 
+def conversation_key(tenant_id: str, conversation_id: str) -> str:
+    """The stored key of a tenant's conversation. Tenant ids hold no ':' (admin checks
+    them), so the key names exactly one tenant: no input of one tenant can reach the
+    conversation (heads, advisory lock, FIFO) of another; the database checks it too
+    (`jobs_conversation_of_tenant`)."""
+    return f"{tenant_id}:{conversation_id}"
+
+
+def conversation_id(tenant_id: str, key: str) -> str:
+    """What the tenant called the conversation: the stored key without its tenant."""
+    prefix = f"{tenant_id}:"
+    return key[len(prefix) :] if key.startswith(prefix) else key
+
+
 @dataclass(frozen=True)
 class Message:
     """One WhatsApp message to enqueue, as a caller gives it (validated by enqueue)."""

@@ -21,12 +21,16 @@ INSERT INTO pgqueue.queues (name) VALUES (%(queue)s) ON CONFLICT (name) DO NOTHI
 -- the conversation row takes that row's lock and returns the latest committed count,
 -- not this statement's snapshot: the job is head exactly when it is the conversation's
 -- only unfinished job, and a concurrent promotion (complete_jobs) waits for us or we
--- for it. Suppressed numbers and unknown tenants insert nothing (zero rows back).
+-- for it. Suppressed numbers, unknown tenants and a fromNumber that is not one of the
+-- tenant's own senders insert nothing (zero rows back). The conversation key carries
+-- its tenant (pgqueue.models.conversation_key), so it can only be this tenant's.
 -- Without an explicit priority, the queue's message-type table gives one (G5).
 WITH allowed AS (
     SELECT 1
     FROM pgqueue.tenants t
     WHERE t.id = %(tenant_id)s
+      AND (%(from_number)s::text IS NULL OR %(from_number)s = t.whatsapp_from
+           OR %(from_number)s = ANY(t.senders))
       AND NOT EXISTS (SELECT 1 FROM pgqueue.suppressions s
                       WHERE s.tenant_id = %(tenant_id)s AND s.phone_number = %(to_number)s)
 ), conv AS (
@@ -113,8 +117,13 @@ ORDER BY job.seq;
 
 
 -- name: enqueue_refusal
--- Says why enqueue_job inserted nothing: unknown tenant, or a suppressed number.
+-- Says why enqueue_job inserted nothing: unknown tenant, a sender of somebody else, or
+-- a suppressed number.
 SELECT EXISTS (SELECT 1 FROM pgqueue.tenants WHERE id = %(tenant_id)s) AS tenant_exists,
+       EXISTS (SELECT 1 FROM pgqueue.tenants
+               WHERE id = %(tenant_id)s
+                 AND (%(from_number)s::text IS NULL OR %(from_number)s = whatsapp_from
+                      OR %(from_number)s = ANY(senders))) AS sender_allowed,
        (SELECT reason_code FROM pgqueue.suppressions
         WHERE tenant_id = %(tenant_id)s AND phone_number = %(to_number)s) AS suppressed_code;
 
@@ -511,13 +520,17 @@ ORDER BY t.id;
 
 
 -- name: batch_refusals
--- The first message of a batch that cannot be enqueued: unknown tenant or suppressed number.
-SELECT i.ord - 1 AS index, t.id IS NULL AS unknown_tenant, s.reason_code AS suppressed_code
-FROM unnest(%(tenant_ids)s::text[], %(to_numbers)s::text[])
-     WITH ORDINALITY AS i(tenant_id, to_number, ord)
+-- The first message of a batch that cannot be enqueued: unknown tenant, a sender that is
+-- not the tenant's own, or a suppressed number.
+SELECT i.ord - 1 AS index
+FROM unnest(%(tenant_ids)s::text[], %(to_numbers)s::text[],
+            coalesce(%(from_numbers)s::text[], '{}'))
+     WITH ORDINALITY AS i(tenant_id, to_number, from_number, ord)
 LEFT JOIN pgqueue.tenants t ON t.id = i.tenant_id
 LEFT JOIN pgqueue.suppressions s ON s.tenant_id = i.tenant_id AND s.phone_number = i.to_number
 WHERE t.id IS NULL OR s.reason_code IS NOT NULL
+   OR NOT (i.from_number IS NULL OR i.from_number = t.whatsapp_from
+           OR i.from_number = ANY(t.senders))
 ORDER BY i.ord
 LIMIT 1;
 

@@ -33,7 +33,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 
 SCHEMA = "pgqueue"
 metadata = MetaData(schema=SCHEMA)
@@ -77,7 +77,10 @@ tenants = Table(
     Column("name", Text, nullable=False),
     Column("account_sid", Text, nullable=False),
     Column("auth_token", Text, nullable=False),
+    # The default sender; `senders` are the tenant's other WhatsApp senders, the only
+    # other values a message's fromNumber may take (a tenant never sends as another).
     Column("whatsapp_from", Text, nullable=False),
+    Column("senders", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     Column("max_concurrency", Integer),
     Column("rate_per_second", Double),
     Column("rate_tat", TZ, nullable=False, server_default=NOW),
@@ -184,6 +187,15 @@ jobs = Table(
     CheckConstraint("(state = 'active') = (claim_token IS NOT NULL)", name="jobs_active_has_token"),
     CheckConstraint("state <> 'active' OR is_head", name="jobs_active_is_head"),
     CheckConstraint("body IS NOT NULL OR content_sid IS NOT NULL", name="jobs_has_content"),
+    # A conversation belongs to one tenant (its key starts with the tenant's id), so
+    # nothing one tenant enqueues can sit in, or read the queue of, another's.
+    CheckConstraint(
+        "starts_with(conversation, tenant_id || ':')", name="jobs_conversation_of_tenant"
+    ),
+    # Every stored moment can be read back and shown (a year-1 sendAt cannot be in UTC).
+    CheckConstraint(
+        "run_at BETWEEN '2000-01-01' AND '9999-01-01'", name="jobs_run_at_in_range"
+    ),
     Index(
         "jobs_candidates",
         "queue",

@@ -96,7 +96,7 @@ async def test_send_queues_and_reports_the_position_in_the_conversation(api: Api
 
     job = (await api.client.get(f"/api/jobs/{body['jobId']}", headers=api.auth())).json()
     assert job["tenantId"] == "t0" and job["phoneNumber"] == phone(1)
-    assert job["conversationId"] == f"t0:{phone(1)}" and job["state"] == "waiting"
+    assert job["conversationId"] == phone(1) and job["state"] == "waiting"
 
 
 async def test_templates_message_types_and_explicit_fields(api: Api) -> None:
