@@ -193,9 +193,7 @@ jobs = Table(
         "starts_with(conversation, tenant_id || ':')", name="jobs_conversation_of_tenant"
     ),
     # Every stored moment can be read back and shown (a year-1 sendAt cannot be in UTC).
-    CheckConstraint(
-        "run_at BETWEEN '2000-01-01' AND '9999-01-01'", name="jobs_run_at_in_range"
-    ),
+    CheckConstraint("run_at BETWEEN '2000-01-01' AND '9999-01-01'", name="jobs_run_at_in_range"),
     Index(
         "jobs_candidates",
         "queue",
