@@ -905,7 +905,13 @@ class Api:
 
     async def twilio_status(self, request: Request) -> Response:
         """Form-encoded, signed by Twilio with the tenant's auth token over the URL it
-        was given (built from PGQUEUE_PUBLIC_URL, since proxies change the one we see)."""
+        was given (built from PGQUEUE_PUBLIC_URL, since proxies change the one we see).
+        Without PGQUEUE_PUBLIC_URL the route is off (404): the only other URL to check the
+        signature against is the request's own Host header, which the caller chooses."""
+        if self.settings.public_base_url is None:
+            raise HttpError(
+                404, "not_found", "status callbacks are off: PGQUEUE_PUBLIC_URL is not set"
+            )
         forbidden = HttpError(403, "invalid_signature", "the Twilio signature does not match")
         signature = request.headers.get("x-twilio-signature")
         tenant_in_path = request.path_params.get("tenant")
@@ -933,7 +939,7 @@ class Api:
         if any("\x00" in k or "\x00" in v for k, v in pairs):
             raise HttpError(422, "invalid_callback", "the form holds NUL characters")
         form = _Form(pairs)
-        url = self._callback_url(request)
+        url = self._callback_url(request, self.settings.public_base_url)
         async with self.db() as conn:
             if tenant_in_path is not None:
                 row = await queries.fetch_one(
@@ -972,13 +978,12 @@ class Api:
         # committed); maintenance applies the status once it has.
         return JSONResponse({"status": "ok", "updated": update.updated, "held": update.held})
 
-    def _callback_url(self, request: Request) -> str:
+    @staticmethod
+    def _callback_url(request: Request, public_base_url: str) -> str:
         raw_path = request.scope.get("raw_path")
         path = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else request.url.path
         query = request.url.query
-        base = self.settings.public_base_url
-        origin = base.rstrip("/") if base else str(request.base_url).rstrip("/")
-        return origin + path + (f"?{query}" if query else "")
+        return public_base_url.rstrip("/") + path + (f"?{query}" if query else "")
 
     # -- operations --------------------------------------------------------------------
 
@@ -1207,6 +1212,12 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.public_base_url is None:
+            log.warning(
+                "Twilio status callbacks are off (/api/twilio/status answers 404): "
+                "PGQUEUE_PUBLIC_URL is not set, and a signature checked against the "
+                "request's own Host header proves nothing"
+            )
         opened_here = pool.closed
         if opened_here:
             # Not waiting: the API starts even while the database is down; /readyz says so.
@@ -1257,7 +1268,7 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> int:
     from pgqueue.db import make_pool, resolve_database_url
     from pgqueue.logs import setup_logging
 
-    setup_logging(settings.log_format)
+    setup_logging(settings.log_format, preview=settings.log_preview)
     url = resolve_database_url(settings)
     pool = make_pool(url, min_size=2, max_size=10, application_name="pgqueue-api")
     app = create_app(settings, pool)
@@ -1486,6 +1497,7 @@ def openapi_spec() -> dict[str, Any]:
     status_responses = {
         "200": _json_ok("Applied (or ignored: repeat, older status)", "StatusCallbackResult"),
         "403": _err("Missing or wrong X-Twilio-Signature, or unknown tenant", "invalid_signature"),
+        "404": _err("Status callbacks are off: PGQUEUE_PUBLIC_URL is not set", "not_found"),
         "413": _E413,
         "415": _err("Not form-encoded", "unsupported_media_type"),
         "422": _err("Signed, but without MessageSid or MessageStatus", "invalid_callback"),

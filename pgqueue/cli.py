@@ -136,7 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     dash = sub.add_parser("dashboard-url", help="print a signed link to the dashboard")
     dash.add_argument("--base-url", default="http://127.0.0.1:8000", help="where the API runs")
-    dash.add_argument("--ttl-hours", type=float, default=12.0)
+    dash.add_argument(
+        "--ttl-hours", default="12", help="how long the link works (default 12, at most 168)"
+    )
+    dash.add_argument(
+        "--allow-retry",
+        action="store_true",
+        help="the link may also retry dead letters (without it, it only reads)",
+    )
 
     emb = sub.add_parser("embedded", help="the embedded PostgreSQL").add_subparsers(
         dest="action", required=True, parser_class=_Parser
@@ -308,9 +315,10 @@ def run(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
     if cmd == "queue":
         return asyncio.run(_queue(args, settings))
     if cmd == "dashboard-url":
-        from pgqueue.dashboard import dashboard_url
+        from pgqueue.dashboard import dashboard_url, ttl_hours
 
-        print(dashboard_url(settings, args.base_url, int(args.ttl_hours * 3600)))
+        ttl_s = ttl_hours(args.ttl_hours)
+        print(dashboard_url(settings, args.base_url, ttl_s, allow_retry=args.allow_retry))
         return 0
     if cmd == "embedded":
         from pgqueue.db import stop_embedded

@@ -94,11 +94,16 @@ class Settings:
     twilio_api_base_url: str = "https://api.twilio.com"
     provider: Provider = "twilio"
     admin_token: str | None = None
+    # Signs dashboard links when set; otherwise their key is derived from admin_token, so
+    # changing either one revokes every link out there.
+    dashboard_key: str | None = None
     # When set, GET /metrics asks for it (or the admin token) as a bearer token: its
     # gauges name every tenant and its volume.
     metrics_token: str | None = None
     home: Path = Path(".pgqueue")
     log_format: LogFormat = "plain"
+    # A message's first characters on its job log lines: customer text, so off by default.
+    log_preview: bool = False
     public_base_url: str | None = None
     send_timeout_s: float = 15.0
     sandbox_latency_s: tuple[float, float] = (0.1, 0.3)
@@ -116,6 +121,11 @@ class Settings:
         admin_token = env.get("PGQUEUE_ADMIN_TOKEN", "").strip() or None
         if admin_token is not None and len(admin_token) < 16:
             raise ConfigError("PGQUEUE_ADMIN_TOKEN must be at least 16 characters")
+        dashboard_key = env.get("PGQUEUE_DASHBOARD_KEY", "").strip() or None
+        if dashboard_key is not None and len(dashboard_key) < 32:
+            raise ConfigError(
+                "PGQUEUE_DASHBOARD_KEY must be at least 32 characters (openssl rand -hex 32)"
+            )
         metrics_token = env.get("PGQUEUE_METRICS_TOKEN", "").strip() or None
         if metrics_token is not None and len(metrics_token) < 16:
             raise ConfigError("PGQUEUE_METRICS_TOKEN must be at least 16 characters")
@@ -133,9 +143,11 @@ class Settings:
             twilio_api_base_url=twilio.rstrip("/"),
             provider=provider,  # type: ignore[arg-type]
             admin_token=admin_token,
+            dashboard_key=dashboard_key,
             metrics_token=metrics_token,
             home=Path(env.get("PGQUEUE_HOME", "").strip() or ".pgqueue"),
             log_format=log_format,  # type: ignore[arg-type]
+            log_preview=_bool(env, "PGQUEUE_LOG_PREVIEW", False),
             public_base_url=_url(env, "PGQUEUE_PUBLIC_URL", ("http", "https")),
             send_timeout_s=float(_int(env, "PGQUEUE_SEND_TIMEOUT", 15, minimum=1, maximum=300)),
             sandbox_latency_s=_latency(env, "PGQUEUE_SANDBOX_LATENCY_MS"),

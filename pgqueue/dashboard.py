@@ -2,17 +2,22 @@
 polls `/dashboard/data` every two seconds.
 
 A browser cannot send a bearer header from a typed address, so the page is opened with
-a signed link (`pgqueue dashboard-url`): an expiry and an HMAC of it keyed with the
-admin token. The same query string authorises the page's data and retry calls. A
-request with the admin token as a bearer header works too.
+a signed link (`pgqueue dashboard-url`): an expiry, a scope and an HMAC of both. The
+HMAC's key is the dashboard's own (PGQUEUE_DASHBOARD_KEY, or one derived from the admin
+token), never the admin token itself, so a link reveals nothing usable against the API
+and changing the key revokes every link. A link lives at most MAX_TTL_S and only reads,
+unless it was signed with the `retry` scope. The same query string authorises the page's
+data and retry calls. A request with the admin token as a bearer header may do both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import re
 import time
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 import psycopg
@@ -26,45 +31,119 @@ from pgqueue.config import Settings
 from pgqueue.errors import PgQueueError
 from pgqueue.metrics import queue_metrics
 
+Scope = Literal["read", "retry"]
+SCOPES: tuple[Scope, ...] = ("read", "retry")
 DEFAULT_TTL_S = 12 * 3600
+# A link is a bearer credential that ends up in browser histories and chat logs: it
+# cannot be revoked one by one, so it must not outlive a week.
+MAX_TTL_S = 7 * 24 * 3600
+# Clocks of the host that signed a link and of the API may disagree a little.
+_CLOCK_SKEW_S = 300
+# Fixed: changing it revokes every link signed with a key derived from the admin token.
+_KEY_LABEL = b"pgqueue dashboard link key v2"
+_SIG = re.compile(r"[0-9a-f]{64}")
+_MAX_JOB_ID = 2**63 - 1
 
 
-def sign(admin_token: str, expires: int) -> str:
-    return hmac.new(
-        admin_token.encode(), f"dashboard:{expires}".encode(), hashlib.sha256
-    ).hexdigest()
+def link_key(settings: Settings) -> bytes | None:
+    """The key that signs links: PGQUEUE_DASHBOARD_KEY, else HMAC-SHA256 of a fixed label
+    under the admin token (None: neither is set, and no link is valid)."""
+    if settings.dashboard_key:
+        return settings.dashboard_key.encode()
+    if settings.admin_token:
+        return hmac.new(settings.admin_token.encode(), _KEY_LABEL, hashlib.sha256).digest()
+    return None
 
 
-def signed_query(admin_token: str, ttl_s: int = DEFAULT_TTL_S, *, now: float | None = None) -> str:
-    expires = int((now or time.time()) + ttl_s)
-    return urlencode({"exp": expires, "sig": sign(admin_token, expires)})
+def sign(key: bytes, expires: int, scope: Scope) -> str:
+    return hmac.new(key, f"dashboard:{scope}:{expires}".encode(), hashlib.sha256).hexdigest()
 
 
-def dashboard_url(settings: Settings, base_url: str, ttl_s: int = DEFAULT_TTL_S) -> str:
-    if not settings.admin_token:
-        raise PgQueueError("PGQUEUE_ADMIN_TOKEN is not set: the dashboard needs it to sign links")
-    return f"{base_url.rstrip('/')}/dashboard?{signed_query(settings.admin_token, ttl_s)}"
+def signed_query(
+    key: bytes, ttl_s: int = DEFAULT_TTL_S, *, scope: Scope = "read", now: float | None = None
+) -> str:
+    if not 1 <= ttl_s <= MAX_TTL_S:
+        raise PgQueueError(
+            f"a dashboard link lives from 1 s to {MAX_TTL_S // 3600} hours, not {ttl_s} s"
+        )
+    if scope not in SCOPES:
+        raise PgQueueError(f"a dashboard link's scope is one of {', '.join(SCOPES)}")
+    expires = int((time.time() if now is None else now) + ttl_s)
+    return urlencode({"exp": expires, "scope": scope, "sig": sign(key, expires, scope)})
 
 
-def _authorised(request: Request, admin_token: str | None) -> bool:
-    if not admin_token:
-        return False
-    header = request.headers.get("authorization", "")
-    if header.startswith("Bearer ") and hmac.compare_digest(header[7:], admin_token):
-        return True
-    exp, sig = request.query_params.get("exp", ""), request.query_params.get("sig", "")
-    if not exp.isdigit() or int(exp) < time.time() or len(sig) != 64:
-        return False
-    return hmac.compare_digest(sig, sign(admin_token, int(exp)))
+def dashboard_url(
+    settings: Settings, base_url: str, ttl_s: int = DEFAULT_TTL_S, *, allow_retry: bool = False
+) -> str:
+    key = link_key(settings)
+    if key is None:
+        raise PgQueueError(
+            "neither PGQUEUE_DASHBOARD_KEY nor PGQUEUE_ADMIN_TOKEN is set: "
+            "the dashboard needs one of them to sign links"
+        )
+    query = signed_query(key, ttl_s, scope="retry" if allow_retry else "read")
+    return f"{base_url.rstrip('/')}/dashboard?{query}"
+
+
+def ttl_hours(text: str) -> int:
+    """`--ttl-hours` as seconds: a finite number of hours, more than 0, at most a week."""
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = math.nan
+    if not (math.isfinite(hours) and 0 < hours <= MAX_TTL_S / 3600):
+        raise PgQueueError(
+            f"--ttl-hours must be a number of hours more than 0 and at most "
+            f"{MAX_TTL_S // 3600} (7 days), got {text[:40]!r}"
+        )
+    return max(1, math.ceil(hours * 3600))
+
+
+def grant(request: Request, settings: Settings) -> Scope | None:
+    """What the request may do: the admin token as a bearer header may do everything, a
+    valid link what it was signed for. Any other value, however malformed, is None."""
+    admin = settings.admin_token
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if admin and scheme.lower() == "bearer":
+        # Digests: compare_digest refuses str with non-ASCII characters, and a header
+        # may hold any byte.
+        given = hashlib.sha256(token.strip().encode("utf-8", "replace")).digest()
+        if hmac.compare_digest(given, hashlib.sha256(admin.encode()).digest()):
+            return "retry"
+    key = link_key(settings)
+    params = request.query_params
+    exp, scope, sig = params.get("exp", ""), params.get("scope", ""), params.get("sig", "")
+    if key is None or not (exp.isascii() and exp.isdigit() and len(exp) <= 12):
+        return None
+    now = time.time()
+    if not now < int(exp) <= now + MAX_TTL_S + _CLOCK_SKEW_S:
+        return None
+    granted = next((s for s in SCOPES if s == scope), None)
+    if granted is None or not _SIG.fullmatch(sig):
+        return None
+    return granted if hmac.compare_digest(sig, sign(key, int(exp), granted)) else None
 
 
 def _denied() -> JSONResponse:
     return JSONResponse(
         {
             "error": "unauthorized",
-            "message": "open the dashboard with a signed link from `pgqueue dashboard-url`",
+            "message": "the link is missing, malformed, expired or signed with another key; "
+            "open the dashboard with a new link from `pgqueue dashboard-url`",
         },
         status_code=401,
+        headers={"WWW-Authenticate": "Bearer", "Cache-Control": "no-store"},
+    )
+
+
+def _read_only() -> JSONResponse:
+    return JSONResponse(
+        {
+            "error": "forbidden",
+            "message": "this dashboard link is read-only; "
+            "retrying needs a link from `pgqueue dashboard-url --allow-retry`",
+        },
+        status_code=403,
     )
 
 
@@ -129,24 +208,29 @@ def routes(settings: Settings, pool: AsyncConnectionPool[Any]) -> list[Route]:
     queue = settings.queue_name
 
     async def page(request: Request) -> Response:
-        if not _authorised(request, settings.admin_token):
+        if grant(request, settings) is None:
             return _denied()
-        return HTMLResponse(PAGE, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(PAGE, headers=_PAGE_HEADERS)
 
     async def data(request: Request) -> Response:
-        if not _authorised(request, settings.admin_token):
+        scope = grant(request, settings)
+        if scope is None:
             return _denied()
         try:
             async with pool.connection(timeout=5) as conn:
-                return JSONResponse(await snapshot(conn, queue))
+                body = await snapshot(conn, queue)
         except (psycopg.OperationalError, TimeoutError) as e:
             return _unavailable(e)
+        return JSONResponse({**body, "canRetry": scope == "retry"})
 
     async def retry(request: Request) -> Response:
-        if not _authorised(request, settings.admin_token):
+        scope = grant(request, settings)
+        if scope is None:
             return _denied()
+        if scope != "retry":
+            return _read_only()
         raw = request.path_params.get("job_id", "")
-        if not raw.isdigit() or len(raw) > 18:
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and 0 < int(raw) <= _MAX_JOB_ID):
             return JSONResponse(
                 {"error": "invalid_request", "message": "job id must be a positive number"},
                 status_code=422,
@@ -166,6 +250,16 @@ def routes(settings: Settings, pool: AsyncConnectionPool[Any]) -> list[Route]:
         Route("/dashboard/data", data, methods=["GET"]),
         Route("/dashboard/jobs/{job_id}/retry", retry, methods=["POST"]),
     ]
+
+
+# The link is in the page's address: no Referer may carry it elsewhere, and no other
+# site may frame the page to click its retry buttons.
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+}
 
 
 PAGE = """<!doctype html>
@@ -248,7 +342,8 @@ async function refresh() {
     "<th>error</th><th>attempts</th><th></th></tr>" + d.failedJobs.map(f =>
     `<tr data-job="${f.id}"><td>${f.id}</td><td>${esc(f.tenant)}</td><td>${esc(f.to)}</td>` +
     `<td>${esc(f.code)}</td><td>${esc(f.message)}</td><td>${f.attempts}</td>` +
-    `<td><button onclick="retry(${f.id}, this)">retry</button></td></tr>`).join("");
+    `<td>${d.canRetry ? `<button onclick="retry(${f.id}, this)">retry</button>` : ""}</td></tr>`
+  ).join("");
 }
 refresh(); setInterval(refresh, 2000);
 </script></body></html>

@@ -129,7 +129,7 @@ class Dispatcher:
         self._claiming = True
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
         self._paused_until = 0.0  # epoch s; set by a provider's 429
-        self._reslot_waiters: list[asyncio.Future[float]] = []
+        self._reslot_waiters: list[tuple[str, asyncio.Future[float]]] = []
         self._reslot_task: asyncio.Task[None] | None = None
         self._job_log = DeferredJobLog()
         self._lead = SLOT_LEAD_S if getattr(provider, "waits_for_slot", False) else 0.0
@@ -444,7 +444,7 @@ class Dispatcher:
     async def _send_now(self, job: Job) -> Outcome:
         """The send itself, in its rate slot and a local slot."""
         late_ok = job.late_ok
-        slot = await self._wait_for_slot(job.start_at.timestamp(), late_ok)
+        slot = await self._wait_for_slot(job.tenant_id, job.start_at.timestamp(), late_ok)
         self._job_log.add(
             "processing",
             f"processing job {job.id}",
@@ -463,7 +463,9 @@ class Dispatcher:
             except SlotMissed:
                 # Nothing went out: building the request took too long. Try again in a
                 # fresh slot rather than start late.
-                slot = await self._wait_for_slot(await self._reslot(), late_ok)
+                slot = await self._wait_for_slot(
+                    job.tenant_id, await self._reslot(job.tenant_id), late_ok
+                )
                 continue
             except asyncio.CancelledError:
                 raise
@@ -473,7 +475,7 @@ class Dispatcher:
         self._send_s = _ewma(self._send_s, time.perf_counter() - began)
         return decide(job, result, backoff_ms=self.config.backoff_ms)
 
-    async def _wait_for_slot(self, start_at: float, late_ok: bool = False) -> float:
+    async def _wait_for_slot(self, tenant: str, start_at: float, late_ok: bool = False) -> float:
         """Sleep until the job's rate slot (SLOT_LEAD_S before it for a provider that
         waits for the slot at the wire) and return it; if the event loop wakes us too
         late, take a new slot rather than start late (a late start would bunch up with
@@ -483,27 +485,28 @@ class Dispatcher:
             delay = start_at - self._lead - time.time()
             if delay > FAR_SLOT_S:
                 await asyncio.sleep(delay - self.config.lookahead_s)
-                start_at = await self._reslot(missed=False)
+                start_at = await self._reslot(tenant, missed=False)
                 continue
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue  # a timer can fire early (run_loop): look at the clock again
             if time.time() < self._paused_until:
                 await asyncio.sleep(self._paused_until - time.time())
-                start_at = await self._reslot()
+                start_at = await self._reslot(tenant)
                 continue
             if late_ok or time.time() - start_at <= MAX_LATE_S:
                 return start_at
-            start_at = await self._reslot()
+            start_at = await self._reslot(tenant)
 
-    async def _reslot(self, missed: bool = True) -> float:
+    async def _reslot(self, tenant: str, missed: bool = True) -> float:
         """A new rate slot. Sends that miss their slots together (the process was starved
         of CPU) share one statement: the first asks, the others join its request.
+        The slot is paced by the queue's rate and by the tenant's own, if it has one.
         `missed=False`: a far slot taken again (FAR_SLOT_S), not a miss."""
         if missed:
             self.stats.reslotted += 1
         waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._reslot_waiters.append(waiter)
+        self._reslot_waiters.append((tenant, waiter))
         if len(self._reslot_waiters) == 1:
             self._reslot_task = asyncio.create_task(self._reslot_batch(), name="reslot")
         slot = await waiter
@@ -520,16 +523,18 @@ class Dispatcher:
         waiters, self._reslot_waiters = self._reslot_waiters, []
 
         async def reslot(conn: queries.Conn) -> list[float]:
-            return await queries.reslot(conn, queue=self.config.queue, n=len(waiters))
+            return await queries.reslot(
+                conn, queue=self.config.queue, tenants=[t for t, _ in waiters]
+            )
 
         try:
             slots: list[float] = await self.with_connection(reslot)
         except Exception as e:  # the sends waiting for the slots fail with it
-            for w in waiters:
+            for _, w in waiters:
                 if not w.done():
                     w.set_exception(e)
             return
-        for w, slot in zip(waiters, slots, strict=True):
+        for (_, w), slot in zip(waiters, slots, strict=True):
             if not w.done():
                 w.set_result(slot)
 

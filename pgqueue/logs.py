@@ -1,6 +1,8 @@
 """Log lines: one per job event as the old system had them, plain or JSON.
 
-Never a secret, never more than a short preview of a message's text.
+Never a secret; a message's text only as a short preview, and only when the operator
+asked for it (PGQUEUE_LOG_PREVIEW). A plain line is one line whatever its fields hold:
+text from customers and providers cannot start a line of its own or drive a terminal.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import json
 import logging
 import queue
+import re
 import sys
 import threading
 import time
@@ -17,6 +20,39 @@ from datetime import UTC, datetime
 from typing import Any
 
 job_log = logging.getLogger("pgqueue.jobs")
+
+# Fields that carry a message's text: left out of every job line unless previews are on.
+TEXT_FIELDS = ("preview",)
+_previews = False
+
+# Every C0 and C1 control (CR, LF and ESC among them), DEL, and the Unicode line and
+# paragraph separators: what a terminal acts on or a log viewer breaks a line at.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# A plain field's value is quoted when it holds any of these too, so that a value cannot
+# end its own field and forge another one (`error="x tenant=other"`).
+_NEEDS_QUOTES = re.compile('[\x00-\x20"=\\\\\x7f-\x9f\u2028\u2029]')
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (
+        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    )
+
+
+def escape(text: str) -> str:
+    """`text` with each control character written as its Python escape (`\\n`, `\\x1b`,
+    `\\u2028`): one line, and nothing in it a terminal would act on."""
+    return _CONTROL.sub(_escaped, text)
+
+
+def show_previews(enabled: bool) -> None:
+    """Whether job lines carry a preview of the message's text (process-wide, as the
+    logging configuration is): customer text, so setup_logging leaves it off unless
+    PGQUEUE_LOG_PREVIEW asks for it."""
+    global _previews
+    _previews = enabled
 
 
 class JsonFormatter(logging.Formatter):
@@ -73,7 +109,17 @@ class PlainFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
-        return super().format(record) + _pairs(fields if isinstance(fields, dict) else {})
+        line = (
+            f"{self.formatTime(record)} {record.levelname} {record.name}: "
+            f"{escape(record.getMessage())}" + _pairs(fields if isinstance(fields, dict) else {})
+        )
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\n" + _indented(record.exc_text)
+        if record.stack_info:
+            line += "\n" + _indented(self.formatStack(record.stack_info))
+        return line
 
     def format_event(
         self, created: float, level: int, name: str, message: str, fields: dict[str, Any]
@@ -81,14 +127,29 @@ class PlainFormatter(logging.Formatter):
         """The line `format` makes of such a record, without making the record."""
         second = int(created)
         stamp = f"{self._date_and_time(second)},{int((created - second) * 1000):03d}"
-        return f"{stamp} {logging.getLevelName(level)} {name}: {message}" + _pairs(fields)
+        return f"{stamp} {logging.getLevelName(level)} {name}: {escape(message)}" + _pairs(fields)
 
 
 def _pairs(fields: dict[str, Any]) -> str:
     """A plain line's fields, ` key=value` each; empty ones left out."""
     if not fields:
         return ""
-    return " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+    return " " + " ".join(f"{k}={_value(v)}" for k, v in fields.items() if v is not None)
+
+
+def _value(value: Any) -> str:
+    if type(value) is int:
+        return str(value)
+    text = str(value)
+    if text and _NEEDS_QUOTES.search(text) is None:
+        return text
+    return '"' + escape(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
+def _indented(text: str) -> str:
+    """A traceback under its line: an exception's message may hold anything, so each of
+    its lines is indented (a line of its own starts with the time, never with a space)."""
+    return "\n".join("    " + escape(line) for line in text.splitlines())
 
 
 class BackgroundStreamHandler(logging.Handler):
@@ -156,7 +217,8 @@ class BackgroundStreamHandler(logging.Handler):
         super().close()
 
 
-def setup_logging(fmt: str = "plain", level: int = logging.INFO) -> None:
+def setup_logging(fmt: str = "plain", level: int = logging.INFO, *, preview: bool = False) -> None:
+    show_previews(preview)
     handler = BackgroundStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
     root = logging.getLogger()
@@ -224,6 +286,9 @@ class DeferredJobLog:
         level = _level(event)
         if not job_log.isEnabledFor(level):
             return
+        if not _previews:
+            for name in TEXT_FIELDS:
+                fields.pop(name, None)
         self._events.append((time.time(), level, message, {"event": event, **fields}))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.max_delay_s, self.flush)

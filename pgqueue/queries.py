@@ -204,7 +204,7 @@ async def _turn(
         applied = await _write_outcomes(conn, queue, outcomes)
     claimed = None
     if claim is not None and claim.max_jobs > 0:
-        claimed = await conn.execute(
+        await conn.execute(
             sql("claim_jobs"),
             {
                 "queue": queue,
@@ -214,6 +214,10 @@ async def _turn(
                 "lookahead": claim.lookahead_s,
                 "headroom": claim.headroom,
             },
+        )
+        claimed = await conn.execute(
+            sql("pace_claimed"),
+            {"queue": queue, "worker_id": claim.worker_id, "headroom": claim.headroom},
         )
     payload = notify if applied is not None else None
     if claimed is None and not release:
@@ -243,14 +247,16 @@ async def claim_jobs(
 
 
 async def reslot(
-    conn: Conn, *, queue: str, n: int = 1, headroom: float = RATE_HEADROOM
+    conn: Conn, *, queue: str, tenants: Sequence[str], headroom: float = RATE_HEADROOM
 ) -> list[float]:
-    """`n` fresh rate slots for jobs that missed their own; returns their starts (epoch s)."""
-    row = await fetch_one(conn, "reslot", {"queue": queue, "n": n, "headroom": headroom})
-    if row is None:
-        return [time.time()] * n
-    first, spacing = float(row["start_at"]), float(row["spacing"])
-    return [first + i * spacing for i in range(n)]
+    """Fresh rate slots for jobs that missed their own, one per job of `tenants` (each
+    job's tenant, in order); returns their starts (epoch s)."""
+    rows = await fetch_all(
+        conn, "reslot", {"queue": queue, "tenants": list(tenants), "headroom": headroom}
+    )
+    if len(rows) != len(tenants):  # the queue row is gone: nothing paces them any more
+        return [time.time()] * len(tenants)
+    return [float(r["start_at"]) for r in rows]
 
 
 async def complete_jobs(

@@ -139,43 +139,46 @@ LIMIT 1;
 
 
 -- name: lock_queue
--- Serialises admission for one queue (see the lock order above).
-SELECT name FROM pgqueue.queues WHERE name = %(queue)s FOR UPDATE;
+-- Serialises admission for one queue (see the lock order above), and wakes the delayed
+-- heads that have come due: `waiting` is what a claim reads (and what adds the tenant to
+-- ready_tenants, by trigger), so this runs before every claim. The queue row is locked
+-- first (the wake-up joins it), through the delayed heads' own index.
+WITH q AS (
+    SELECT name FROM pgqueue.queues WHERE name = %(queue)s FOR UPDATE
+), woken AS (
+    UPDATE pgqueue.jobs j SET state = 'waiting'
+    FROM q
+    WHERE j.queue = q.name AND j.is_head AND j.state = 'delayed'
+      AND j.run_at <= (SELECT clock_timestamp())
+    RETURNING 1
+)
+SELECT name, (SELECT count(*) FROM woken) AS woken FROM q;
 
 
 -- name: claim_jobs
 -- Claims up to %(max_jobs)s conversation heads. Run right after lock_queue, in the same
--- transaction, so this statement's snapshot already holds every committed claim.
---  * only tenants with a free slot (G2), not paused, within their own rate, are looked
---    at, each through a LATERAL over the heads-only index: a saturated tenant's backlog
---    and a conversation's queued tail are never scanned;
+-- transaction, so this statement's snapshot already holds every committed claim; their
+-- rate slots follow in pace_claimed, in the same transaction (which returns them).
+--  * the tenants looked at are those with sends in flight (`busy`: at most the global
+--    limit's) and, from the front of ready_tenants' index, the first n tenants with
+--    nothing in flight that have a waiting head at their row's priority, are not paused
+--    and are within their own rate: their order among themselves is the claim's order
+--    (their k-th head puts them at k sends in flight, behind every tenant's first), so no
+--    tenant further down can have a head among the n chosen. The cost follows n and the
+--    sends in flight, not the number of tenants, nor of tenants with work;
+--  * each tenant is read through a LATERAL over the waiting heads' index, at most its
+--    free slots (G2) and, with a rate of its own, its rate slots within the lookahead;
 --  * order: priority (G5), then the tenant with the fewest sends in flight counting the
---    ones this claim hands out, then the tenant served longest ago (G6), then seq;
---  * at most the free global slots (G3);
---  * rate (G4): starts are paced by GCRA on the database clock, one every
---    1 / (h * R) seconds (h = %(headroom)s, 0.978), each job carrying the moment
---    (`start_at`) it may start. Evenly spaced starts put at most ceil(h * R * (1 s +
---    jitter)) <= R of them in any 1-second window as long as the jitter between start_at
---    and the request reaching the provider stays under 1/h - 1 = 22.5 ms, and still
---    deliver 97.8 %% of R. (A token bucket of capacity R would allow 2R in one second.)
---    The dispatcher never starts a send more than a few ms after its slot: a late one
---    takes a new slot (reslot). Slots are handed out at most %(lookahead)s seconds
---    ahead, so a slot held by a job waiting for its start keeps a concurrency slot
---    busy only briefly, and a crash wastes little of the budget;
---    Lateness matters only while the rate can bind, though: in any window, the starts
---    are at most its slots (h * R + 1) plus the late ones of earlier slots, and those
---    are jobs in flight, at most the global limit G. When h * R + 1 + G <= R, no
---    lateness can break G4, and `late_ok` tells the dispatcher so (a lifted rate),
---    except for a tenant with a rate of its own; jobs the dispatcher holds before
---    their start (claimed ahead) stay active, so they are among those G;
---  * `global_free`: the global slots this claim left free, for the dispatcher to
---    claim ahead only where that cannot crowd other workers out;
---  * the conversation's advisory lock is taken in the same statement (G9): a job is
---    never active and committed while its owner does not hold that lock.
+--    ones this claim hands out, then the tenant served longest ago (G6; tenants served
+--    by one claim share that moment: then by id, as the index has them), then seq;
+--  * at most the free global slots (G3) and the queue's rate slots within the
+--    lookahead (G4, see pace_claimed);
+--  * the served tenants' ready rows move to the back (served_at) and, where this claim
+--    took the last waiting head at their priority, are marked drained for prune_ready.
 WITH q AS (
     SELECT name, global_concurrency, tenant_concurrency,
-           rate_per_second * (1 - %(headroom)s) >= global_concurrency + 1 AS late_ok,
            clock_timestamp() AS now,
+           clock_timestamp() + make_interval(secs => %(lookahead)s) AS horizon,
            greatest(rate_tat, clock_timestamp()) AS base,
            1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
@@ -190,89 +193,176 @@ WITH q AS (
     WHERE j.state = 'active'
     GROUP BY j.tenant_id
 ), budget AS (
-    -- f: the free global slots.
     SELECT least(
                %(max_jobs)s,
-               f,
-               CASE WHEN base > now + make_interval(secs => %(lookahead)s) THEN 0
-                    ELSE floor(extract(epoch FROM now - base + make_interval(secs => %(lookahead)s))
-                               / spacing)::int + 1
-               END) AS n, f
-    FROM q, LATERAL (SELECT global_concurrency - coalesce(sum(here), 0)::int AS f FROM busy) g
+               global_concurrency - (SELECT coalesce(sum(here), 0)::int FROM busy),
+               CASE WHEN base > horizon THEN 0
+                    ELSE floor(extract(epoch FROM horizon - base) / spacing)::int + 1
+               END) AS n
+    FROM q
+), looked_at AS (
+    SELECT b.tenant_id AS id, b.n AS active, t.last_served_at AS served_at
+    FROM busy b JOIN pgqueue.tenants t ON t.id = b.tenant_id
+    UNION ALL
+    (SELECT r.tenant_id, 0, r.served_at
+     FROM pgqueue.ready_tenants r
+     JOIN pgqueue.tenants t ON t.id = r.tenant_id
+     WHERE r.queue = %(queue)s
+       AND NOT t.paused
+       AND t.rate_tat <= (SELECT horizon FROM q)
+       AND NOT EXISTS (SELECT 1 FROM busy b WHERE b.tenant_id = r.tenant_id)
+       AND r.priority = (SELECT j.priority FROM pgqueue.jobs j
+                         WHERE j.queue = r.queue AND j.tenant_id = r.tenant_id
+                           AND j.is_head AND j.state = 'waiting'
+                         ORDER BY j.priority DESC, j.seq LIMIT 1)
+     ORDER BY r.priority DESC, r.served_at NULLS FIRST, r.tenant_id
+     LIMIT (SELECT n FROM budget))
 ), free_tenants AS (
-    SELECT t.id, coalesce(b.n, 0) AS active, t.last_served_at,
-           CASE WHEN t.rate_per_second IS NULL
-                THEN coalesce(t.max_concurrency, q.tenant_concurrency) - coalesce(b.n, 0)
-                ELSE 1 END AS free
-    FROM pgqueue.tenants t
+    SELECT l.id, l.active, l.served_at,
+           least(coalesce(t.max_concurrency, q.tenant_concurrency) - l.active,
+                 (SELECT n FROM budget),
+                 CASE WHEN t.rate_per_second IS NULL THEN NULL
+                      WHEN t.rate_tat > q.horizon THEN 0
+                      ELSE floor(extract(epoch FROM q.horizon - greatest(t.rate_tat, q.now))
+                                 * t.rate_per_second * %(headroom)s)::int + 1
+                 END) AS free
+    FROM looked_at l
+    JOIN pgqueue.tenants t ON t.id = l.id
     CROSS JOIN q
-    LEFT JOIN busy b ON b.tenant_id = t.id
     WHERE NOT t.paused
-      AND coalesce(b.n, 0) < coalesce(t.max_concurrency, q.tenant_concurrency)
-      AND (t.rate_per_second IS NULL OR t.rate_tat <= q.now)
-      AND (SELECT n FROM budget) > 0
 ), candidates AS (
     -- Numbered in the tenant's own order, where the index hands them over sorted: the
     -- k-th puts its tenant at active + k sends in flight.
-    SELECT h.id, h.priority, h.seq, ft.active + h.k AS tenant_load, ft.last_served_at
+    SELECT h.id, h.priority, h.seq, ft.active + h.k AS tenant_load, ft.served_at,
+           ft.id AS tenant_id
     FROM free_tenants ft
     CROSS JOIN LATERAL (
         SELECT x.*, row_number() OVER (ORDER BY x.priority DESC, x.seq) AS k
         FROM (SELECT j.id, j.priority, j.seq
               FROM pgqueue.jobs j
               WHERE j.queue = %(queue)s AND j.tenant_id = ft.id
-                AND j.is_head AND j.state <> 'active'
-                AND j.run_at <= (SELECT now FROM q)
+                AND j.is_head AND j.state = 'waiting'
               ORDER BY j.priority DESC, j.seq
               -- A tenant's (n+1)-th head can never be among the n chosen: read no more.
-              LIMIT least(ft.free, (SELECT n FROM budget))) x
+              LIMIT greatest(ft.free, 0)) x
     ) h
 ), chosen AS (
-    -- The n first, through a sort that keeps only n rows, then numbered.
-    SELECT c.id,
-           row_number() OVER (ORDER BY c.priority DESC, c.tenant_load,
-                                       c.last_served_at NULLS FIRST, c.seq) AS pick
-    FROM (SELECT * FROM candidates
-          ORDER BY priority DESC, tenant_load, last_served_at NULLS FIRST, seq
-          LIMIT (SELECT n FROM budget)) c
+    -- The n first, through a sort that keeps only n rows.
+    SELECT c.id FROM candidates c
+    ORDER BY c.priority DESC, c.tenant_load, c.served_at NULLS FIRST, c.tenant_id, c.seq
+    LIMIT (SELECT n FROM budget)
 ), locked AS (
     -- Only the chosen rows are locked (candidates of other tenants stay free for other
     -- claimers); a row that changed meanwhile is skipped, never waited for.
-    SELECT j.id, chosen.pick
+    SELECT j.id
     FROM pgqueue.jobs j
-    JOIN chosen ON chosen.id = j.id
-    WHERE j.is_head AND j.state <> 'active'
+    WHERE j.id IN (SELECT id FROM chosen) AND j.is_head AND j.state = 'waiting'
     FOR UPDATE OF j SKIP LOCKED
-), numbered AS (
-    -- Rate slots without gaps, whatever was skipped.
-    SELECT id, row_number() OVER (ORDER BY pick) AS slot FROM locked
 ), claimed AS (
     UPDATE pgqueue.jobs j
     SET state = 'active',
         attempts = j.attempts + 1,
         claim_token = gen_random_uuid(),
         claimed_by = %(worker_id)s,
-        start_at = q.base + make_interval(secs => q.spacing * (chosen.slot - 1)),
-        started_at = coalesce(j.started_at, q.base + make_interval(secs => q.spacing * (chosen.slot - 1))),
+        start_at = NULL,
         lease_expires_at = q.now + make_interval(secs => %(lease)s),
         updated_at = q.now
-    FROM numbered chosen, q
-    WHERE j.id = chosen.id
-    RETURNING j.*, chosen.slot
-), per_tenant AS (
-    SELECT tenant_id, count(*)::int AS n, max(start_at) AS last_start
-    FROM claimed GROUP BY tenant_id
-), tenant_counts AS (
+    FROM q
+    WHERE j.id IN (SELECT id FROM locked)
+    RETURNING j.id, j.tenant_id
+), served AS (
     UPDATE pgqueue.tenants t
-    SET last_served_at = q.now,
-        rate_tat = CASE WHEN t.rate_per_second IS NULL THEN t.rate_tat
-                        ELSE greatest(t.rate_tat, pt.last_start)
-                             + make_interval(secs => 1.0 / t.rate_per_second) END
-    FROM per_tenant pt, q
-    WHERE t.id = pt.tenant_id
-), queue_counts AS (
+    SET last_served_at = q.now
+    FROM q
+    WHERE t.id IN (SELECT tenant_id FROM claimed)
+)
+UPDATE pgqueue.ready_tenants r
+SET served_at = q.now,
+    drained = NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
+                          WHERE j.queue = r.queue AND j.tenant_id = r.tenant_id
+                            AND j.priority = r.priority
+                            AND j.is_head AND j.state = 'waiting'
+                            AND j.id NOT IN (SELECT id FROM claimed))
+FROM q
+WHERE r.queue = %(queue)s AND r.tenant_id IN (SELECT tenant_id FROM claimed);
+
+
+-- name: pace_claimed
+-- The rate slots of the jobs claim_jobs just took (this worker's active jobs without a
+-- start yet), and those jobs with what a send needs.
+--  * rate (G4): starts are paced by GCRA on the database clock, one every
+--    1 / (h * R) seconds (h = %(headroom)s, 0.978), each job carrying the moment
+--    (`start_at`) it may start. Evenly spaced starts put at most ceil(h * R * (1 s +
+--    jitter)) <= R of them in any 1-second window as long as the jitter between start_at
+--    and the request reaching the provider stays under 1/h - 1 = 22.5 ms, and still
+--    deliver 97.8 %% of R. (A token bucket of capacity R would allow 2R in one second.)
+--    A tenant with a rate r of its own is paced the same way, one start every
+--    1 / (h * r) s: pgqueue.pace gives each job the first moment both allow, taking the
+--    jobs in order of their tenants' own slots, so a far one holds no other back.
+--    The dispatcher never starts a send more than a few ms after its slot: a late one
+--    takes a new slot (reslot). Slots are handed out about a lookahead ahead (claim_jobs
+--    counts them), so a slot held by a job waiting for its start keeps a concurrency
+--    slot busy only briefly;
+--    Lateness matters only while the rate can bind, though: in any window, the starts
+--    are at most its slots (h * R + 1) plus the late ones of earlier slots, and those
+--    are jobs in flight, at most the global limit G. When h * R + 1 + G <= R, no
+--    lateness can break G4, and `late_ok` tells the dispatcher so (a lifted rate),
+--    except for a tenant with a rate of its own; jobs the dispatcher holds before
+--    their start (claimed ahead) stay active, so they are among those G;
+--  * `global_free`: the global slots left free, for the dispatcher to claim ahead only
+--    where that cannot crowd other workers out;
+--  * the conversation's advisory lock is taken in the same transaction as the claim
+--    (G9): a job is never active and committed while its owner does not hold that lock.
+WITH q AS (
+    SELECT name, rate_per_second * (1 - %(headroom)s) >= global_concurrency + 1 AS late_ok,
+           global_concurrency, clock_timestamp() AS now,
+           greatest(rate_tat, clock_timestamp()) AS base,
+           1.0 / (rate_per_second * %(headroom)s) AS spacing
+    FROM pgqueue.queues WHERE name = %(queue)s
+), mine AS (
+    SELECT j.id, j.tenant_id, j.priority, j.seq, t.rate_per_second IS NOT NULL AS rated,
+           greatest(t.rate_tat, q.now) AS rate_base,
+           1.0 / (t.rate_per_second * %(headroom)s) AS rate_spacing,
+           row_number() OVER (PARTITION BY j.tenant_id ORDER BY j.priority DESC, j.seq) AS k
+    FROM pgqueue.jobs j
+    JOIN pgqueue.tenants t ON t.id = j.tenant_id
+    CROSS JOIN q
+    WHERE j.queue = %(queue)s AND j.state = 'active' AND j.start_at IS NULL
+      AND j.claimed_by = %(worker_id)s
+), ordered AS (
+    -- In order of the tenants' own rate slots (none: first), each job with the previous
+    -- one of its tenant, for pgqueue.pace.
+    SELECT o.*, (lag(o.slot) OVER (PARTITION BY o.tenant_id ORDER BY o.slot))::int AS prev
+    FROM (SELECT m.*, row_number() OVER (
+                          ORDER BY CASE WHEN m.rated THEN m.rate_base + make_interval(
+                                             secs => m.rate_spacing * (m.k - 1)) END
+                                   NULLS FIRST, m.priority DESC, m.seq) AS slot
+          FROM mine m) o
+), paced AS (
+    -- Only where a tenant has a rate of its own: otherwise one slot after the other.
+    SELECT CASE WHEN bool_or(o.rated)
+                THEN pgqueue.pace(q.base, q.spacing, array_agg(o.prev ORDER BY o.slot),
+                                  array_agg(o.rate_base ORDER BY o.slot),
+                                  array_agg(o.rate_spacing ORDER BY o.slot)) END AS starts
+    FROM ordered o, q GROUP BY q.base, q.spacing
+), timed AS (
+    SELECT o.id, o.slot, coalesce(p.starts[o.slot],
+                                  q.base + make_interval(secs => q.spacing * (o.slot - 1))) AS start
+    FROM ordered o, paced p, q
+), claimed AS (
+    UPDATE pgqueue.jobs j
+    SET start_at = t.start, started_at = coalesce(j.started_at, t.start)
+    FROM timed t
+    WHERE j.id = t.id
+    RETURNING j.*, t.slot
+), tenant_rates AS (
+    UPDATE pgqueue.tenants t
+    SET rate_tat = s.last_start + make_interval(secs => 1.0 / (t.rate_per_second * %(headroom)s))
+    FROM (SELECT tenant_id, max(start_at) AS last_start FROM claimed GROUP BY tenant_id) s
+    WHERE t.id = s.tenant_id AND t.rate_per_second IS NOT NULL
+), queue_rate AS (
     UPDATE pgqueue.queues qq
-    SET rate_tat = q.base + make_interval(secs => q.spacing * (SELECT count(*) FROM claimed))
+    SET rate_tat = (SELECT max(start_at) FROM claimed) + make_interval(secs => q.spacing)
     FROM q
     WHERE qq.name = q.name AND EXISTS (SELECT 1 FROM claimed)
 )
@@ -281,7 +371,8 @@ SELECT c.id, c.queue, c.tenant_id, c.conversation, c.priority, c.to_number, c.fr
        c.max_attempts, c.claim_token, c.start_at, c.created_at,
        extract(epoch FROM c.start_at - q.now)::float8 AS start_delay,
        q.late_ok AND t.rate_per_second IS NULL AS late_ok,
-       (SELECT f FROM budget) - count(*) OVER () AS global_free,
+       q.global_concurrency - (SELECT count(*) FROM pgqueue.jobs a
+                               WHERE a.queue = q.name AND a.state = 'active')::int AS global_free,
        t.account_sid, t.auth_token, t.whatsapp_from, t.fallback_content_sid,
        t.fallback_variable,
        hashtextextended(c.queue || chr(31) || c.conversation, 0) AS lock_key,
@@ -298,7 +389,9 @@ ORDER BY c.slot;
 -- outcomes, and the rescuer leaves a connected worker's jobs alone), wake the other
 -- workers if outcomes freed anything (the payload names the sender, which ignores its
 -- own wake-up), and, for a claim that came back short, say when the next rate slot opens
--- and when the next delayed head becomes due, so the worker sleeps exactly that long.
+-- and when the next delayed head becomes due, so the worker sleeps exactly that long;
+-- and drop the ready rows the claim drained (pgqueue.prune_ready: its locks are held
+-- only until this transaction's commit).
 -- The clock is read in a subquery so that it can bound the index scan (a bare
 -- clock_timestamp() is a filter over every head).
 SELECT (SELECT count(*) FILTER (WHERE pg_advisory_unlock(k))
@@ -308,8 +401,9 @@ SELECT (SELECT count(*) FILTER (WHERE pg_advisory_unlock(k))
        extract(epoch FROM q.rate_tat - clock_timestamp())::float8 AS rate_wait,
        (SELECT extract(epoch FROM min(j.run_at) - clock_timestamp())::float8
         FROM pgqueue.jobs j
-        WHERE j.queue = %(queue)s AND j.is_head AND j.state <> 'active'
-          AND j.run_at > (SELECT clock_timestamp())) AS due_wait
+        WHERE j.queue = %(queue)s AND j.is_head AND j.state = 'delayed'
+          AND j.run_at > (SELECT clock_timestamp())) AS due_wait,
+       pgqueue.prune_ready(%(queue)s) AS pruned
 FROM pgqueue.queues q WHERE q.name = %(queue)s;
 
 
@@ -642,12 +736,19 @@ WITH target AS (
     DELETE FROM pgqueue.jobs j
     USING target t
     WHERE j.id = t.id AND t.state <> 'active'
-    RETURNING j.id, j.conversation
+    RETURNING j.id, j.conversation, j.tenant_id, j.priority, j.is_head, j.state
 ), pending AS (
     UPDATE pgqueue.conversations c
     SET pending = c.pending - 1, updated_at = now()
     FROM gone g
     WHERE c.queue = %(queue)s AND c.conversation = g.conversation
+), drained AS (
+    -- Maybe its tenant's last waiting head at that priority: the next turn looks.
+    UPDATE pgqueue.ready_tenants r
+    SET drained = true
+    FROM gone g
+    WHERE g.is_head AND g.state = 'waiting' AND r.queue = %(queue)s
+      AND r.tenant_id = g.tenant_id AND r.priority = g.priority
 )
 SELECT t.id, t.conversation, t.state, t.is_head AS was_head,
        EXISTS (SELECT 1 FROM gone) AS canceled
@@ -819,11 +920,13 @@ LIMIT 50;
 -- A Twilio status callback for one of this tenant's messages. Callbacks arrive out of
 -- order and may repeat, so the status only moves forward (pgqueue.provider_status_rank:
 -- accepted/scheduled < queued < sending < sent < delivered < read; failed, undelivered
--- and canceled end it). A repeat or a late, older status changes nothing. The error code
--- of a failed delivery is kept. Only finished jobs carry a SID (the completion that
--- records it moves the job to history in one transaction), found through history's
--- provider_sid index. A SID found nowhere may belong to a send whose completion has not
--- committed yet: the status is held (`held`) for apply_early_statuses.
+-- and canceled end it, but only while no delivery is recorded: one reported after
+-- delivered or read moves nothing back and suppresses no number). A repeat or a late,
+-- older status changes nothing. The error code of a failed delivery is kept. Only
+-- finished jobs carry a SID (the completion that records it moves the job to history in
+-- one transaction), found through history's provider_sid index. A SID found nowhere may
+-- belong to a send whose completion has not committed yet: the status is held (`held`)
+-- for apply_early_statuses, and a delivery held so counts as recorded.
 WITH incoming AS (
     SELECT %(status)s::text AS status, pgqueue.provider_status_rank(%(status)s) AS rank
     WHERE pgqueue.provider_status_rank(%(status)s) > 0
@@ -834,7 +937,12 @@ WITH incoming AS (
                                ELSE h.last_error_code END
     FROM incoming i
     WHERE h.provider_sid = %(sid)s AND h.tenant_id = %(tenant_id)s
-      AND i.rank > pgqueue.provider_status_rank(h.provider_status)
+      AND pgqueue.provider_status_rank(h.provider_status)
+          < CASE WHEN i.rank = 9 THEN 5 ELSE i.rank END
+      AND NOT (i.rank = 9 AND EXISTS (
+          SELECT FROM pgqueue.early_statuses e
+          WHERE e.tenant_id = %(tenant_id)s AND e.provider_sid = %(sid)s
+            AND pgqueue.provider_status_rank(e.status) IN (5, 6)))
     RETURNING h.id, h.to_number
 ), held AS (
     INSERT INTO pgqueue.early_statuses AS e (tenant_id, provider_sid, status, error_code)
@@ -844,7 +952,9 @@ WITH incoming AS (
                       WHERE h.provider_sid = %(sid)s AND h.tenant_id = %(tenant_id)s)
     ON CONFLICT (tenant_id, provider_sid) DO UPDATE
     SET status = excluded.status, error_code = coalesce(excluded.error_code, e.error_code)
-    WHERE pgqueue.provider_status_rank(excluded.status) > pgqueue.provider_status_rank(e.status)
+    WHERE pgqueue.provider_status_rank(e.status)
+          < CASE WHEN pgqueue.provider_status_rank(excluded.status) = 9 THEN 5
+                 ELSE pgqueue.provider_status_rank(excluded.status) END
     RETURNING e.provider_sid
 )
 SELECT id, to_number, false AS held FROM finished
@@ -870,7 +980,9 @@ WITH matched AS (
                                ELSE h.last_error_code END
     FROM matched m
     WHERE h.id = m.id AND h.finished_at = m.finished_at
-      AND pgqueue.provider_status_rank(m.status) > pgqueue.provider_status_rank(h.provider_status)
+      AND pgqueue.provider_status_rank(h.provider_status)
+          < CASE WHEN pgqueue.provider_status_rank(m.status) = 9 THEN 5
+                 ELSE pgqueue.provider_status_rank(m.status) END
     RETURNING h.id, h.tenant_id, h.to_number, h.provider_status, h.last_error_code
 ), forgotten AS (
     DELETE FROM pgqueue.early_statuses e
@@ -939,16 +1051,43 @@ SELECT tenant_id FROM token;
 
 -- name: reslot
 -- Claimed jobs missed their start slots (their worker's event loop was busy): they take
--- the next %(n)s free slots instead of starting late and crowding the slots after them
--- (G4). Returns the first new slot and the spacing of the others.
-UPDATE pgqueue.queues
-SET rate_tat = greatest(rate_tat, clock_timestamp())
-               + make_interval(secs => %(n)s / (rate_per_second * %(headroom)s))
-WHERE name = %(queue)s
-RETURNING extract(epoch FROM rate_tat
-                  - make_interval(secs => %(n)s / (rate_per_second * %(headroom)s)))::float8
-          AS start_at,
-          (1.0 / (rate_per_second * %(headroom)s))::float8 AS spacing;
+-- the next free slots instead of starting late and crowding the slots after them (G4),
+-- one per job of %(tenants)s, in that order, paced like a claim (pgqueue.pace) by the
+-- queue's rate and by the rate of each job's tenant where it has one. The queue row is
+-- locked first, then the tenants' rows (the lock order above).
+WITH q AS (
+    SELECT name, greatest(rate_tat, clock_timestamp()) AS base,
+           1.0 / (rate_per_second * %(headroom)s) AS spacing
+    FROM pgqueue.queues WHERE name = %(queue)s
+    FOR UPDATE
+), w AS (
+    SELECT i.tenant_id, i.ord,
+           (lag(i.ord) OVER (PARTITION BY i.tenant_id ORDER BY i.ord))::int AS prev,
+           CASE WHEN t.rate_per_second IS NOT NULL
+                THEN greatest(t.rate_tat, clock_timestamp()) END AS rate_base,
+           1.0 / (t.rate_per_second * %(headroom)s) AS rate_spacing
+    FROM unnest(%(tenants)s::text[]) WITH ORDINALITY AS i(tenant_id, ord)
+    LEFT JOIN pgqueue.tenants t ON t.id = i.tenant_id
+), paced AS (
+    SELECT pgqueue.pace(q.base, q.spacing, array_agg(w.prev ORDER BY w.ord),
+                        array_agg(w.rate_base ORDER BY w.ord),
+                        array_agg(w.rate_spacing ORDER BY w.ord)) AS starts, q.spacing
+    FROM w, q GROUP BY q.base, q.spacing
+), queue_tat AS (
+    UPDATE pgqueue.queues qq
+    SET rate_tat = p.starts[cardinality(p.starts)] + make_interval(secs => p.spacing)
+    FROM paced p
+    WHERE qq.name = %(queue)s
+), tenant_tat AS (
+    UPDATE pgqueue.tenants t
+    SET rate_tat = s.last + make_interval(secs => s.rate_spacing)
+    FROM (SELECT w.tenant_id, max(p.starts[w.ord]) AS last, min(w.rate_spacing) AS rate_spacing
+          FROM w, paced p WHERE w.rate_base IS NOT NULL GROUP BY w.tenant_id) s
+    WHERE t.id = s.tenant_id
+)
+SELECT extract(epoch FROM u.start)::float8 AS start_at
+FROM paced p, unnest(p.starts) WITH ORDINALITY AS u(start, ord)
+ORDER BY u.ord;
 
 
 -- === Dashboard ===

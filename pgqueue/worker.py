@@ -268,7 +268,7 @@ def main_from_cli(settings: Settings, *, concurrency: int = 20, reload: bool = F
             target_type="command",
         )
         return 0
-    setup_logging(settings.log_format)
+    setup_logging(settings.log_format, preview=settings.log_preview)
     return run_loop(_main(settings, concurrency))
 
 

@@ -372,12 +372,12 @@ async def test_a_failed_turn_is_rolled_back_and_the_next_one_runs(db_url: str, c
 async def test_missed_slots_are_replaced_by_consecutive_new_ones(conn: Any) -> None:
     await conn.execute("UPDATE pgqueue.queues SET rate_per_second = 10, rate_tat = now()")
     spacing = 1 / (10 * queries.RATE_HEADROOM)
-    slots = await queries.reslot(conn, queue="whatsapp-send", n=3)
+    slots = await queries.reslot(conn, queue="whatsapp-send", tenants=["t0"] * 3)
     assert len(slots) == 3 and slots[0] >= time.time() - 1
     gaps = [b - a for a, b in itertools.pairwise(slots)]
     assert gaps == pytest.approx([spacing] * 2, abs=1e-5)
     # The next ones start after those three: no slot is handed out twice.
-    later = await queries.reslot(conn, queue="whatsapp-send", n=1)
+    later = await queries.reslot(conn, queue="whatsapp-send", tenants=["t0"])
     assert later[0] >= slots[2] + spacing - 1e-6
 
 

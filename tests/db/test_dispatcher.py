@@ -73,6 +73,14 @@ async def counters_match(conn: Any) -> None:
     assert all(
         (r["completed"], r["failed"]) == (r["real_completed"], r["real_failed"]) for r in rows
     ), rows
+    # Claims find tenants through their ready rows: a waiting head without one is never sent.
+    rows = await q(
+        conn,
+        "SELECT j.id FROM pgqueue.jobs j WHERE j.is_head AND j.state = 'waiting' "
+        "AND NOT EXISTS (SELECT 1 FROM pgqueue.ready_tenants r WHERE r.queue = j.queue "
+        "AND r.tenant_id = j.tenant_id AND r.priority = j.priority)",
+    )
+    assert rows == [], rows
 
 
 async def test_retry_blocks_its_conversation_only(db_url: str, conn: Any, tmp_path: Path) -> None:

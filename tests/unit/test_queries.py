@@ -7,7 +7,15 @@ from psycopg import _queries
 
 from pgqueue import queries
 
-TURN = ("lock_queue", "complete_jobs", "promote_heads", "claim_jobs", "turn_end", "reslot")
+TURN = (
+    "lock_queue",
+    "complete_jobs",
+    "promote_heads",
+    "claim_jobs",
+    "pace_claimed",
+    "turn_end",
+    "reslot",
+)
 
 
 @pytest.mark.parametrize("name", TURN)

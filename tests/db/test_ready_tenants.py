@@ -1,0 +1,323 @@
+"""The claim at platform scale: it reads only tenants that have work, picks in the order
+it would give over every tenant (G5, G6), and paces a tenant with a rate of its own as
+exactly as the queue (G4)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pgqueue import admin, queries
+from pgqueue.db import connect
+from pgqueue.models import Message
+from tests.helpers import (
+    ACCOUNT,
+    add_tenants,
+    phone,
+    running_worker,
+    send,
+    send_many,
+    wait_until_drained,
+)
+from tests.recording import read_sends
+
+QUEUE = "whatsapp-send"
+H = queries.RATE_HEADROOM
+
+
+async def q(conn: Any, query: str, *params: Any) -> list[dict[str, Any]]:
+    cur = await conn.execute(query, params)
+    return await cur.fetchall()
+
+
+async def lift_limits(conn: Any, *, rate: float = 1e6) -> None:
+    await conn.execute(
+        "UPDATE pgqueue.queues SET global_concurrency = 100000, tenant_concurrency = 100000, "
+        "rate_per_second = %s, rate_tat = now()",
+        (rate,),
+    )
+
+
+async def register_idle(conn: Any, n: int) -> None:
+    await conn.execute(
+        "INSERT INTO pgqueue.tenants (id, name, account_sid, auth_token, whatsapp_from) "
+        "SELECT 'idle' || i, 'idle' || i, %s, 'x', '+14155550100' FROM generate_series(1, %s) i",
+        (ACCOUNT, n),
+    )
+
+
+async def heads_without_ready_row(conn: Any) -> list[dict[str, Any]]:
+    """The invariant claims rely on: every waiting head has its tenant's row."""
+    return await q(
+        conn,
+        "SELECT j.id, j.tenant_id, j.priority FROM pgqueue.jobs j "
+        "WHERE j.is_head AND j.state = 'waiting' AND NOT EXISTS ("
+        "SELECT 1 FROM pgqueue.ready_tenants r WHERE r.queue = j.queue "
+        "AND r.tenant_id = j.tenant_id AND r.priority = j.priority)",
+    )
+
+
+async def _claim(conn: Any, n: int, lookahead: float, worker: str = "probe") -> list[Any]:
+    params = {
+        "queue": QUEUE,
+        "worker_id": worker,
+        "max_jobs": n,
+        "lease": 60,
+        "lookahead": lookahead,
+        "headroom": H,
+    }
+    await conn.execute(queries.sql("claim_jobs"), params)
+    cur = await conn.execute(
+        queries.sql("pace_claimed"), {"queue": QUEUE, "worker_id": worker, "headroom": H}
+    )
+    return await cur.fetchall()
+
+
+async def probe_claim(url: str, n: int, lookahead: float = 0.05) -> tuple[list[Any], int]:
+    """A claim as a worker makes it (generic plans), rolled back, and how many rows of
+    pgqueue.tenants it read."""
+    conn = await connect(url, application_name="pgqueue-worker:probe", generic_plans=True)
+    try:
+        await conn.execute("BEGIN")
+        await conn.execute(queries.sql("lock_queue"), {"queue": QUEUE})
+        rows = await _claim(conn, n, lookahead)
+        stats = await q(
+            conn,
+            "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) AS n "
+            "FROM pg_stat_xact_user_tables WHERE relid = 'pgqueue.tenants'::regclass",
+        )
+        await conn.execute("ROLLBACK")
+        return rows, int(stats[0]["n"]) if stats else 0
+    finally:
+        await conn.close()
+
+
+async def test_a_claim_reads_no_tenant_without_work(db_url: str, conn: Any) -> None:
+    await add_tenants(conn, 3)
+    await send_many(
+        conn,
+        [Message(tenant_id=f"t{i % 3}", phone_number=phone(i), text="x") for i in range(30)],
+    )
+    await register_idle(conn, 3000)
+    await lift_limits(conn)
+    await conn.execute("ANALYZE")
+    rows, read = await probe_claim(db_url, 20)
+    assert len(rows) == 20
+    # What the claim reads of pgqueue.tenants follows the jobs it hands out (a few reads
+    # each: 60 here), not the 3,000 tenants without work, which walking would read.
+    assert read <= 5 * len(rows), f"the claim read {read} rows of pgqueue.tenants"
+
+
+async def test_the_claim_picks_what_the_order_over_every_tenant_picks(
+    db_url: str, conn: Any
+) -> None:
+    """A model of G5/G6 over every tenant, against the claim that reads only the front of
+    ready_tenants: the same jobs, for every claim size, for random loads, priorities,
+    pauses and service times."""
+    rng = random.Random(7)
+    await lift_limits(conn)
+    await conn.execute("UPDATE pgqueue.queues SET tenant_concurrency = 4")
+    tenants = await add_tenants(conn, 30)
+    base = datetime.now(UTC) - timedelta(hours=1)
+    to = itertools.count()
+    for t in tenants:
+        for _ in range(rng.randrange(0, 5)):
+            await send(conn, t, next(to), priority=rng.choice([0, 5, 10]))
+    heads = await q(conn, "SELECT id, tenant_id FROM pgqueue.jobs WHERE is_head")
+    for h in rng.sample(heads, len(heads) // 4):  # in flight already
+        await conn.execute(
+            "UPDATE pgqueue.jobs SET state = 'active', claim_token = gen_random_uuid() "
+            "WHERE id = %s",
+            (h["id"],),
+        )
+    for t in tenants:
+        served = None if rng.random() < 0.2 else base + timedelta(seconds=rng.randrange(3600))
+        await conn.execute(
+            "UPDATE pgqueue.tenants SET last_served_at = %s, paused = %s, max_concurrency = %s "
+            "WHERE id = %s",
+            (served, rng.random() < 0.1, rng.choice([None, 1, 2, 3]), t),
+        )
+        await conn.execute(
+            "UPDATE pgqueue.ready_tenants SET served_at = %s WHERE tenant_id = %s", (served, t)
+        )
+    trows = {r["id"]: r for r in await q(conn, "SELECT * FROM pgqueue.tenants")}
+    jobs = await q(conn, "SELECT id, tenant_id, priority, seq, state, is_head FROM pgqueue.jobs")
+    keys = []
+    for t, row in trows.items():
+        if row["paused"]:
+            continue
+        active = sum(1 for j in jobs if j["tenant_id"] == t and j["state"] == "active")
+        free = (row["max_concurrency"] or 4) - active
+        mine = sorted(
+            (j for j in jobs if j["tenant_id"] == t and j["is_head"] and j["state"] == "waiting"),
+            key=lambda j: (-j["priority"], j["seq"]),
+        )[: max(free, 0)]
+        served = row["last_served_at"]
+        for k, j in enumerate(mine, 1):
+            order = (served is not None, served or base, t)
+            keys.append(((-j["priority"], active + k, *order, j["seq"]), j["id"]))
+    keys.sort()
+    for n in (1, 3, 7, 20, 60):
+        rows, _ = await probe_claim(db_url, n)
+        assert sorted(r["id"] for r in rows) == sorted(i for _, i in keys[:n]), n
+
+
+async def test_ready_rows_follow_every_way_a_head_becomes_waiting(db_url: str, conn: Any) -> None:
+    await add_tenants(conn, 2)
+    worker = await connect(db_url, application_name="pgqueue-worker:w", generic_plans=True)
+    claim = queries.Claim(worker_id="w", max_jobs=10, lease_s=60, lookahead_s=0.05)
+
+    async def rows() -> set[tuple[str, int, bool]]:
+        found = await q(conn, "SELECT tenant_id, priority, drained FROM pgqueue.ready_tenants")
+        return {(r["tenant_id"], r["priority"], r["drained"]) for r in found}
+
+    try:
+        await send(conn, "t0", 1, text="a")
+        await send(conn, "t0", 1, text="b")
+        later = datetime.now(UTC) + timedelta(hours=1)
+        await send(conn, "t1", 2, text="later", send_at=later)
+        assert await rows() == {("t0", 0, False)}  # a delayed head is not ready
+        first = await queries.cycle(worker, queue=QUEUE, claim=claim)
+        assert [r["body"] for r in first.claimed] == ["a"]
+        assert await rows() == set()  # its last waiting head taken: pruned at the turn's end
+        done = queries.Outcomes(
+            [{"id": first.claimed[0]["id"], "token": first.claimed[0]["claim_token"],
+              "outcome": "completed"}],
+            [first.claimed[0]["conversation"]],
+        )  # fmt: skip
+        await queries.cycle(worker, queue=QUEUE, outcomes=done, lock=False)
+        assert await rows() == {("t0", 0, False)}  # "b" promoted
+        await conn.execute("UPDATE pgqueue.jobs SET run_at = now() WHERE tenant_id = 't1'")
+        second = await queries.cycle(worker, queue=QUEUE, claim=claim)
+        # Woken when due, then claimed in the same turn with "b".
+        assert sorted(r["body"] for r in second.claimed) == ["b", "later"]
+        retry = queries.Outcomes(
+            [{"id": r["id"], "token": r["claim_token"], "outcome": "retry",
+              "delay": 3600 if r["body"] == "later" else 0} for r in second.claimed],
+        )  # fmt: skip
+        await queries.cycle(worker, queue=QUEUE, outcomes=retry, lock=False)
+        assert await rows() == {("t0", 0, False)}  # retried now: ready; in an hour: not
+        b = (await q(conn, "SELECT id FROM pgqueue.jobs WHERE body = 'b'"))[0]["id"]
+        await send(conn, "t0", 3, text="c", priority=5)
+        assert await rows() == {("t0", 0, False), ("t0", 5, False)}
+        await conn.execute("BEGIN")
+        await queries.fetch_all(conn, "lock_job_conversation", {"id": b, "queue": QUEUE,
+                                                                "tenant_id": None})  # fmt: skip
+        cancel = {"id": b, "queue": QUEUE, "tenant_id": None}
+        assert (await queries.fetch_one(conn, "cancel_job", cancel) or {})["canceled"]
+        await conn.execute("COMMIT")
+        assert await rows() == {("t0", 0, True), ("t0", 5, False)}
+        third = await queries.cycle(worker, queue=QUEUE, claim=claim)
+        assert [r["body"] for r in third.claimed] == ["c"]
+        assert await rows() == set()
+        assert await heads_without_ready_row(conn) == []
+    finally:
+        await worker.close()
+
+
+async def test_enqueues_racing_claims_leave_no_head_behind(db_url: str, conn: Any) -> None:
+    """New heads committed while a claim prunes the tenant's row: none may lose it."""
+    await add_tenants(conn, 1)
+    await lift_limits(conn)
+    worker = await connect(db_url, application_name="pgqueue-worker:w", generic_plans=True)
+    claim = queries.Claim(worker_id="w", max_jobs=3, lease_s=60, lookahead_s=0.05)
+    total = 4 * 60
+    sent = 0
+
+    async def enqueue(k: int) -> None:
+        c = await connect(db_url)
+        try:
+            for i in range(60):
+                await send(c, "t0", k * 1000 + i)
+        finally:
+            await c.close()
+
+    enqueuers = asyncio.gather(*(enqueue(k) for k in range(4)))
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while sent < total and asyncio.get_running_loop().time() < deadline:
+            turn = await queries.cycle(worker, queue=QUEUE, claim=claim)
+            if turn.claimed:
+                done = queries.Outcomes(
+                    [{"id": r["id"], "token": r["claim_token"], "outcome": "completed"}
+                     for r in turn.claimed],
+                    sorted({r["conversation"] for r in turn.claimed}),
+                )  # fmt: skip
+                await queries.cycle(worker, queue=QUEUE, outcomes=done, lock=False)
+                sent += len(turn.claimed)
+            else:
+                await asyncio.sleep(0.001)
+        await enqueuers
+        assert sent == total, f"{total - sent} heads were never claimed"
+        assert await heads_without_ready_row(conn) == []
+    finally:
+        await worker.close()
+
+
+# -- a tenant's own rate ---------------------------------------------------------------
+
+
+def gaps(starts: list[datetime]) -> list[float]:
+    return [(b - a).total_seconds() for a, b in itertools.pairwise(sorted(starts))]
+
+
+async def test_a_fast_sender_gets_several_jobs_a_claim_at_its_own_pace(
+    db_url: str, conn: Any
+) -> None:
+    await add_tenants(conn, 2)
+    await lift_limits(conn, rate=1000)
+    await admin.set_tenant(conn, "t0", rate_per_second=50)
+    await send_many(
+        conn,
+        [
+            Message(tenant_id=t, phone_number=phone(i), text="x")
+            for i in range(40)
+            for t in ("t0", "t1")
+        ],
+    )
+    worker = await connect(db_url, application_name="pgqueue-worker:w", generic_plans=True)
+    try:
+        claim = queries.Claim(worker_id="w", max_jobs=60, lease_s=60, lookahead_s=0.2)
+        first = (await queries.cycle(worker, queue=QUEUE, claim=claim)).claimed
+        mine = [r["start_at"] for r in first if r["tenant_id"] == "t0"]
+        # Its slots within the lookahead: one now, then one every 1 / (h * 50) s.
+        assert len(mine) == int(0.2 * 50 * H) + 1
+        assert min(gaps(mine)) >= 1 / (50 * H) - 1e-6
+        assert max(gaps(mine)) <= 1 / (50 * H) + 2e-3
+        # The queue's own pace holds for every start, the tenant's or not.
+        assert min(gaps([r["start_at"] for r in first])) >= 1 / (1000 * H) - 1e-6
+        later = queries.Claim(worker_id="w", max_jobs=60, lease_s=60, lookahead_s=1.0)
+        second = (await queries.cycle(worker, queue=QUEUE, claim=later)).claimed
+        again = [r["start_at"] for r in second if r["tenant_id"] == "t0"]
+        assert again and min(again) >= max(mine) + timedelta(seconds=1 / (50 * H) - 1e-6)
+        # A missed slot is taken again at the tenant's pace too.
+        slots = await queries.reslot(worker, queue=QUEUE, tenants=["t0", "t1", "t0"])
+        last = max(again).timestamp()
+        assert slots[0] >= last + 1 / (50 * H) - 1e-6
+        assert slots[2] - slots[0] >= 1 / (50 * H) - 1e-6
+    finally:
+        await worker.close()
+
+
+async def test_a_senders_rate_holds_in_every_second(db_url: str, conn: Any, tmp_path: Path) -> None:
+    await add_tenants(conn, 2)
+    await lift_limits(conn, rate=1000)
+    await conn.execute("UPDATE pgqueue.queues SET tenant_concurrency = 20")
+    await admin.set_tenant(conn, "t0", rate_per_second=10)
+    await send_many(
+        conn,
+        [Message(tenant_id="t0", phone_number=phone(i % 15), text=f"m{i}") for i in range(35)]
+        + [Message(tenant_id="t1", phone_number=phone(i), text="other") for i in range(40)],
+    )
+    record = tmp_path / "sends.jsonl"
+    async with running_worker(db_url, record, latency=(0.02, 0.05), lookahead_s=0.2):
+        await wait_until_drained(conn, 60)
+    starts = sorted(s.start for s in read_sends(record) if s.tenant == "t0")
+    assert len(starts) == 35
+    # At most 10 in any second: the 11th start after any start comes more than 1 s later.
+    closest = min(b - a for a, b in zip(starts, starts[10:], strict=False))
+    assert closest > 1.0, f"11 starts of a 10/s sender within {closest:.3f} s"
