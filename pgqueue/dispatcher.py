@@ -143,6 +143,10 @@ class Dispatcher:
         self._turn_s = math.inf
         self._late_ok = False
         self._global_free = 0
+        # When the next rate slot of each tenant with a rate of its own that this worker
+        # served opens (epoch s): with the queue's rate not binding, nothing else wakes
+        # this worker for them.
+        self._tenant_next: dict[str, float] = {}
 
     # -- the lock connection -------------------------------------------------------------
 
@@ -301,6 +305,11 @@ class Dispatcher:
             self._late_ok = all(job.late_ok for job in jobs)
             self._global_free = jobs[0].global_free
         for job in jobs:
+            if job.rate_spacing is not None:
+                slot = job.start_at.timestamp() + job.rate_spacing
+                self._tenant_next[job.tenant_id] = max(
+                    slot, self._tenant_next.get(job.tenant_id, 0)
+                )
             entry = _InFlight(job)
             self._in_flight[job.id] = entry
             entry.task = asyncio.create_task(self._send(entry), name=f"send-{job.id}")
@@ -349,7 +358,7 @@ class Dispatcher:
                         # slot rather than the slot for the claim (a late start would
                         # cost the slot, G4).
                         rate_wait -= self.config.lookahead_s / 2
-                    for hint in (rate_wait, result.due_wait):
+                    for hint in (rate_wait, result.due_wait, self._tenant_wait()):
                         if hint is not None and hint > 0:
                             wait = min(wait, hint)
                     wait = max(wait, 0.001)
@@ -357,6 +366,15 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._attention.wait()
+
+    def _tenant_wait(self) -> float | None:
+        """Seconds until the first of the served tenants' next slots is half a lookahead
+        ahead (claimable, with time to spare, as the queue's slots are claimed)."""
+        now = time.time()
+        self._tenant_next = {t: s for t, s in self._tenant_next.items() if s > now}
+        if not self._tenant_next:
+            return None
+        return min(self._tenant_next.values()) - now - self.config.lookahead_s / 2
 
     async def drain(self, timeout: float) -> int:
         """Stop claiming; let sends in flight finish (at most `timeout` seconds) and write

@@ -93,6 +93,9 @@ class Job:
     # The rate is so far above what can be in flight that a late start cannot break G4
     # (claim_jobs in queries.sql): no need to take a new slot when late.
     late_ok: bool = False
+    # 1 / (h * rate) for a tenant with a rate of its own: its next slot opens this long
+    # after this job's, for the dispatcher to come back then.
+    rate_spacing: float | None = None
     # The global slots the claim left free (G3), for the dispatcher to tell whether
     # claiming ahead would crowd other workers out.
     global_free: int = 0

@@ -371,6 +371,7 @@ SELECT c.id, c.queue, c.tenant_id, c.conversation, c.priority, c.to_number, c.fr
        c.max_attempts, c.claim_token, c.start_at, c.created_at,
        extract(epoch FROM c.start_at - q.now)::float8 AS start_delay,
        q.late_ok AND t.rate_per_second IS NULL AS late_ok,
+       (1.0 / (t.rate_per_second * %(headroom)s))::float8 AS rate_spacing,
        q.global_concurrency - (SELECT count(*) FROM pgqueue.jobs a
                                WHERE a.queue = q.name AND a.state = 'active')::int AS global_free,
        t.account_sid, t.auth_token, t.whatsapp_from, t.fallback_content_sid,

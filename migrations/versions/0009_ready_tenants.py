@@ -32,12 +32,17 @@ down_revision = "0008"
 branch_labels = None
 depends_on = None
 
-# The class of the two-key advisory locks on (queue, tenant): 'pgqr'. Two-key locks are
-# a key space of their own, apart from the conversation locks' single bigint keys.
-READY_LOCK_CLASS = 1885762418
+# The advisory locks that keep a head from losing its tenant's row (see prune_ready):
+# two-key locks ('pgqr', bucket), a key space of their own, apart from the conversation
+# locks' single bigint keys. A (queue, tenant) maps to one of 16 buckets, so that a
+# statement adding heads for thousands of tenants holds 16 locks at most, not one per
+# tenant (the server's lock table has room for 64 per connection).
+READY_LOCK = "1885762418, hashtext({queue} || chr(31) || {tenant}) & 15"
 
 
 def upgrade() -> None:
+    lock_new = READY_LOCK.format(queue="x.queue", tenant="x.tenant_id")
+    lock_ready = READY_LOCK.format(queue="r.queue", tenant="r.tenant_id")
     op.create_table(
         "ready_tenants",
         sa.Column("queue", sa.Text(), nullable=False),
@@ -53,9 +58,7 @@ def upgrade() -> None:
         "CREATE INDEX ready_tenants_claim_order ON pgqueue.ready_tenants "
         "(queue, priority DESC, served_at NULLS FIRST, tenant_id)"
     )
-    op.execute(
-        "CREATE INDEX ready_tenants_drained ON pgqueue.ready_tenants (queue) WHERE drained"
-    )
+    op.execute("CREATE INDEX ready_tenants_drained ON pgqueue.ready_tenants (queue) WHERE drained")
     op.execute("DROP INDEX pgqueue.jobs_candidates")
     op.execute("DROP INDEX pgqueue.jobs_heads_by_run_at")
     # Heads already due but still marked delayed would be claimable only once woken; wake
@@ -86,11 +89,10 @@ def upgrade() -> None:
         LANGUAGE plpgsql AS $$
         BEGIN
             -- Shared, so enqueues never wait for each other; prune_ready takes it
-            -- exclusively. Taken before the row is looked for, and in key order.
-            PERFORM pg_advisory_xact_lock_shared({READY_LOCK_CLASS},
-                                                 hashtext(x.queue || chr(31) || x.tenant_id))
+            -- exclusively, never waiting. Taken before the row is looked for.
+            PERFORM pg_advisory_xact_lock_shared({lock_new})
             FROM (SELECT DISTINCT queue, tenant_id FROM new_rows
-                  WHERE is_head AND state = 'waiting' ORDER BY 1, 2) x;
+                  WHERE is_head AND state = 'waiting') x;
             -- A fresh snapshot (a new statement of a volatile function): a row pruned
             -- before the lock was granted is seen gone. Looked for before inserting, so
             -- that a row a claim is updating is not waited for.
@@ -123,14 +125,13 @@ def upgrade() -> None:
             -- A drained row is gone only if no waiting head exists. Looking in this
             -- statement's snapshot is not enough: a head committed after it but before
             -- the delete would be left without its row, never claimed. So: first the
-            -- exclusive lock (never waited for: a busy tenant is looked at next time),
+            -- exclusive lock (never waited for: a busy bucket is looked at next time),
             -- then a new snapshot, which sees every head committed before the lock, while
             -- a head added after it waits for our commit and then finds the row gone.
             SELECT array_agg(r.tenant_id) INTO locked
             FROM pgqueue.ready_tenants r
             WHERE r.queue = p_queue AND r.drained
-              AND pg_try_advisory_xact_lock({READY_LOCK_CLASS},
-                                            hashtext(r.queue || chr(31) || r.tenant_id));
+              AND pg_try_advisory_xact_lock({lock_ready});
             IF locked IS NULL THEN
                 RETURN 0;
             END IF;
@@ -147,7 +148,6 @@ def upgrade() -> None:
         END $$
         """
     )
-
 
     op.execute(
         """

@@ -121,12 +121,12 @@ async def test_the_claim_picks_what_the_order_over_every_tenant_picks(
     rng = random.Random(7)
     await lift_limits(conn)
     await conn.execute("UPDATE pgqueue.queues SET tenant_concurrency = 4")
-    tenants = await add_tenants(conn, 30)
+    tenants = await add_tenants(conn, 120)
     base = datetime.now(UTC) - timedelta(hours=1)
     to = itertools.count()
     for t in tenants:
-        for _ in range(rng.randrange(0, 5)):
-            await send(conn, t, next(to), priority=rng.choice([0, 5, 10]))
+        for _ in range(rng.randrange(0, 4)):
+            await send(conn, t, next(to), priority=rng.choice([0, 0, 0, 5, 10]))
     heads = await q(conn, "SELECT id, tenant_id FROM pgqueue.jobs WHERE is_head")
     for h in rng.sample(heads, len(heads) // 4):  # in flight already
         await conn.execute(
