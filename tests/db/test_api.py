@@ -582,27 +582,29 @@ async def test_status_callbacks_are_signed_move_forward_only_and_repeat_safely(
     assert await callback("read") == 1
     assert await callback("bogus") == 0
 
-    # Without the tenant in the URL, the account and the signature say which tenant.
-    bare = "/api/twilio/status"
-    form = {
-        "MessageSid": sid,
-        "MessageStatus": "failed",
-        "AccountSid": ACCOUNT,
-        "ErrorCode": "30008",
-    }
-    r = await api.client.post(bare, **_signed(bare, form, token))
-    assert r.json()["updated"] == 1
-    assert await _provider_status(api.conn, sid) == ("failed", "30008")
-    assert await callback("read") == 0  # failed is final
+    # A failure reported after delivery moves nothing back (tests/db/test_security_http.py).
+    assert await callback("failed", code="30008") == 0
+    assert await _provider_status(api.conn, sid) == ("read", None)
 
-    # A delivery that fails because the customer blocked us suppresses the number.
+    # A delivery that fails because the customer blocked us suppresses the number. Without
+    # the tenant in the URL, the account and the signature say which tenant.
     row = await (
         await api.conn.execute(
             "SELECT provider_sid FROM pgqueue.job_history WHERE to_number = %s", (phone(2),)
         )
     ).fetchone()
     sid = row["provider_sid"]
-    assert await callback("undelivered", code="63024") == 1
+    bare = "/api/twilio/status"
+    form = {
+        "MessageSid": sid,
+        "MessageStatus": "undelivered",
+        "AccountSid": ACCOUNT,
+        "ErrorCode": "63024",
+    }
+    r = await api.client.post(bare, **_signed(bare, form, token))
+    assert r.json()["updated"] == 1
+    assert await _provider_status(api.conn, sid) == ("undelivered", "63024")
+    assert await callback("read") == 0  # failed is final
     assert (await api.send("t0", phoneNumber=phone(2))).json()["error"] == "number_suppressed"
 
 

@@ -17,12 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
-from pgqueue.dashboard import signed_query
+from pgqueue.config import Settings
+from pgqueue.dashboard import link_key, signed_query
 from pgqueue.db import as_url
 from pgqueue.models import Message
 from tests.helpers import REPO, add_tenants, phone, running_worker, send_many, wait_until_drained
 
 ADMIN = "dashboard-admin-token-0123"
+KEY = link_key(Settings(admin_token=ADMIN)) or b""
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -64,9 +66,9 @@ async def test_signed_link_is_required(api: str) -> None:
         assert (
             await client.get("/dashboard/data?exp=9999999999&sig=" + "0" * 64)
         ).status_code == 401
-        expired = signed_query(ADMIN, ttl_s=-10)
+        expired = signed_query(KEY, ttl_s=10, now=time.time() - 60)
         assert (await client.get("/dashboard?" + expired)).status_code == 401
-        ok = await client.get("/dashboard?" + signed_query(ADMIN))
+        ok = await client.get("/dashboard?" + signed_query(KEY))
         assert ok.status_code == 200 and "<svg" in ok.text
         assert "://" not in ok.text  # no CDN, nothing fetched from elsewhere: works offline
 
@@ -111,7 +113,7 @@ async def test_dashboard_in_a_browser(api: str, db_url: str, conn: Any, tmp_path
         )
         try:
             page = await browser.new_page(viewport={"width": 1280, "height": 900})
-            await page.goto(f"{api}/dashboard?{signed_query(ADMIN)}")
+            await page.goto(f"{api}/dashboard?{signed_query(KEY, scope='retry')}")
             await page.wait_for_selector('[data-state="waiting"]')
             for state in ("waiting", "completed", "failed"):
                 shown = await page.inner_text(f'[data-state="{state}"] b')

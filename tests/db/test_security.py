@@ -60,7 +60,7 @@ async def test_a_conversation_id_cannot_reach_into_another_tenants_conversation(
         headers=sealed.auth("ta"),
     )
     assert batch.status_code == 202, batch.text
-    assert batch.json()["jobs"][0]["queuePosition"]["ahead"] == 1  # ta's own two above
+    assert batch.json()["jobs"][0]["queuePosition"]["ahead"] == 1  # only ta's own job with that id
     job = await sealed.client.get(f"/api/jobs/{victim.json()['jobId']}", headers=sealed.auth("tb"))
     assert job.json()["conversationId"] == phone(77)
 
