@@ -87,7 +87,7 @@ def redact(url: str) -> str:
     params = psycopg.conninfo.conninfo_to_dict(url)
     if params.get("password"):
         params["password"] = "***"
-    return psycopg.conninfo.make_conninfo(**{k: v for k, v in params.items() if v is not None})
+    return psycopg.conninfo.make_conninfo("", **{k: v for k, v in params.items() if v is not None})
 
 
 def _drop(conn: psycopg.Connection[Any], dbname: str) -> None:

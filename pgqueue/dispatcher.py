@@ -462,7 +462,7 @@ class Dispatcher:
     async def _send_now(self, job: Job) -> Outcome:
         """The send itself, in its rate slot and a local slot."""
         late_ok = job.late_ok
-        slot = await self._wait_for_slot(job.tenant_id, job.start_at.timestamp(), late_ok)
+        slot = await self._wait_for_slot(job, job.start_at.timestamp())
         self._job_log.add(
             "processing",
             f"processing job {job.id}",
@@ -481,9 +481,7 @@ class Dispatcher:
             except SlotMissed:
                 # Nothing went out: building the request took too long. Try again in a
                 # fresh slot rather than start late.
-                slot = await self._wait_for_slot(
-                    job.tenant_id, await self._reslot(job.tenant_id), late_ok
-                )
+                slot = await self._wait_for_slot(job, await self._reslot(job.tenant_id))
                 continue
             except asyncio.CancelledError:
                 raise
@@ -493,15 +491,19 @@ class Dispatcher:
         self._send_s = _ewma(self._send_s, time.perf_counter() - began)
         return decide(job, result, backoff_ms=self.config.backoff_ms)
 
-    async def _wait_for_slot(self, tenant: str, start_at: float, late_ok: bool = False) -> float:
+    async def _wait_for_slot(self, job: Job, start_at: float) -> float:
         """Sleep until the job's rate slot (SLOT_LEAD_S before it for a provider that
         waits for the slot at the wire) and return it; if the event loop wakes us too
         late, take a new slot rather than start late (a late start would bunch up with
         the next slots and put more than R starts into one second, G4), unless the rate
-        is far enough above the global limit that lateness cannot matter (`late_ok`)."""
+        is far enough above the global limit that lateness cannot matter (`late_ok`).
+        A far slot is taken again when it comes near (a pause committed meanwhile then
+        applies to it), except a slot of a tenant's own rate: far is its normal pace, and
+        a new slot would only come after the tenant's next one, never nearer."""
+        tenant, late_ok = job.tenant_id, job.late_ok
         while True:
             delay = start_at - self._lead - time.time()
-            if delay > FAR_SLOT_S:
+            if delay > FAR_SLOT_S and job.rate_spacing is None:
                 await asyncio.sleep(delay - self.config.lookahead_s)
                 start_at = await self._reslot(tenant, missed=False)
                 continue

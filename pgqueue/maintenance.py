@@ -124,6 +124,7 @@ class MaintenanceReport:
     workers_forgotten: int = 0
     conversations_forgotten: int = 0
     statuses_applied: int = 0
+    ready_rows_marked: int = 0
     metrics: dict[str, Any] | None = None
 
 
@@ -177,6 +178,7 @@ class Maintenance:
             )
             workers = await queries.execute(conn, "forget_dead_workers", {"grace": 60})
             conversations = await queries.execute(conn, "forget_idle_conversations", {})
+            marked = await queries.execute(conn, "mark_stale_ready", {"queue": self.queue})
             statuses = await apply_early_statuses(conn)
             from pgqueue.metrics import queue_metrics
 
@@ -200,6 +202,7 @@ class Maintenance:
             workers_forgotten=workers,
             conversations_forgotten=conversations,
             statuses_applied=statuses,
+            ready_rows_marked=marked,
             metrics=metrics,
         )
 

@@ -603,6 +603,18 @@ DELETE FROM pgqueue.conversations
 WHERE pending = 0 AND updated_at < now() - interval '10 minutes';
 
 
+-- name: mark_stale_ready
+-- Maintenance's safety net for ready rows that no claim or cancel marked (a job deleted
+-- by hand, say): a row without a waiting head at its priority is marked drained, for
+-- the next turn's prune_ready to look at again under its lock. One probe a row.
+UPDATE pgqueue.ready_tenants r
+SET drained = true
+WHERE r.queue = %(queue)s AND NOT r.drained
+  AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
+                  WHERE j.queue = r.queue AND j.tenant_id = r.tenant_id
+                    AND j.priority = r.priority AND j.is_head AND j.state = 'waiting');
+
+
 -- name: tenant_in_flight
 -- Sends in flight per tenant, with each tenant's limit and pause state.
 SELECT t.id, coalesce(b.n, 0) AS active,

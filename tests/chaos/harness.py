@@ -17,7 +17,10 @@ What "broken" means (DESIGN.md G1-G9), always judged from the provider's side:
 * FIFO: the first successful deliveries of a conversation out of enqueue order;
 * overlap: two requests of one conversation at the provider at the same time;
 * limits: more than 5 requests of a tenant (its account) or 20 overall at once, more
-  than 80 arrivals in any 1-second window;
+  than 80 starts in any 1-second window: a start is stamped by the kernel as the
+  request's first segment reaches the fake's port (tcpdump, tests/kernel_stamps.py); the
+  fake's own arrival stamps, taken in its busy event loop, are reported beside them and
+  judged only where tcpdump is unavailable;
 * afterwards: a job still live or active, a counter (the tenants' finished totals,
   conversations.pending) different from what it counts, a dead letter.
 """
@@ -57,6 +60,7 @@ from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.enqueue import enqueue_whatsapp_send_batch
 from pgqueue.models import Message
 from pgqueue.providers import WIRE_LATE_LOG_S
+from tests.kernel_stamps import Capture, KernelStamps, KernelStampsUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
 QUEUE = "whatsapp-send"
@@ -67,6 +71,9 @@ API_TIMEOUT_S = 10.0
 # The fake Twilio runs ahead of the load it measures where allowed (Cluster.start_fake).
 FAKE_NICE = -10
 ADMIN_TOKEN = "chaos-admin-token-0123456789"
+# Where G4's starts were stamped: by the kernel (tcpdump), or by the fake itself.
+AT_WIRE = "at the wire"
+AT_LOOP = "at the fake's loop"
 
 
 # -- URLs and environment -------------------------------------------------------------
@@ -520,12 +527,21 @@ class Proc:
         return self.popen.returncode
 
 
+@dataclass(frozen=True)
+class Wire:
+    """The kernel's stamps of the requests that reached the fake, or why there are none."""
+
+    capture: Capture | None
+    note: str
+
+
 class Cluster:
     """The fake provider, the workers and (optionally) the API of one scenario.
 
-    Logs go to `workdir`; the provider's records to `workdir/twilio.jsonl`. `close()`
-    stops the workers with SIGTERM (they drain), then the API, then the fake, so the
-    records are complete when it returns.
+    Logs go to `workdir`; the provider's records to `workdir/twilio.jsonl`, the kernel's
+    stamps of the requests to its port (tcpdump, where available) to `workdir/wire.pcap`.
+    `close()` stops the workers with SIGTERM (they drain), then the API, then the fake,
+    then tcpdump, so the records and `wire` are complete when it returns.
     """
 
     def __init__(
@@ -536,6 +552,8 @@ class Cluster:
         latency: str = "0.1:0.3",
         seed: int = 1,
         env: dict[str, str] | None = None,
+        worker_args: Sequence[str] = (),
+        kernel_stamps: bool = True,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -553,6 +571,10 @@ class Cluster:
         self.api_url = ""
         self.workers: list[Proc] = []
         self.ended: list[Proc] = []
+        self.worker_args = list(worker_args)
+        self.want_kernel_stamps = kernel_stamps
+        self._kernel: KernelStamps | None = None
+        self.wire = Wire(None, "not captured")
         self._n = 0
 
     def env(self) -> dict[str, str]:
@@ -611,6 +633,18 @@ class Cluster:
         if not line.startswith(b"fake_twilio listening on "):
             raise AssertionError(f"the fake Twilio did not start: {line!r}")
         self.fake_url = line.decode().strip().rsplit(" ", 1)[-1]
+        if self.want_kernel_stamps:
+            await self._start_kernel_stamps(int(self.fake_url.rsplit(":", 1)[1]))
+
+    async def _start_kernel_stamps(self, port: int) -> None:
+        """tcpdump on the fake's port before any worker starts (G4's starts)."""
+        kernel = KernelStamps(port, self.workdir / "wire.pcap")
+        try:
+            await asyncio.to_thread(kernel.start)
+        except KernelStampsUnavailable as e:
+            self.wire = Wire(None, str(e))
+            return
+        self._kernel = kernel
 
     async def start_api(self) -> None:
         port = free_port()
@@ -632,7 +666,7 @@ class Cluster:
 
     def start_worker(self) -> Proc:
         self._n += 1
-        proc = self._spawn(f"worker-{self._n}", ["-m", "pgqueue.cli", "worker"])
+        proc = self._spawn(f"worker-{self._n}", ["-m", "pgqueue.cli", "worker", *self.worker_args])
         self.workers.append(proc)
         return proc
 
@@ -644,6 +678,18 @@ class Cluster:
         return FakeControl(self.fake_url)
 
     async def close(self) -> None:
+        try:
+            await self._stop_processes()
+        finally:
+            # Last, once the fake has gone: every request that reached it is captured.
+            if self._kernel is not None:
+                kernel, self._kernel = self._kernel, None
+                try:
+                    self.wire = Wire(await asyncio.to_thread(kernel.stop), "")
+                except KernelStampsUnavailable as e:
+                    self.wire = Wire(None, str(e))
+
+    async def _stop_processes(self) -> None:
         for w in list(self.workers):
             if w.alive:
                 w.send(signal.SIGTERM)
@@ -917,13 +963,68 @@ class Figures:
     cut: int  # requests whose client went away before the answer (a killed worker)
     first: float
     last: float
+    # Where the starts behind max_starts_1s and tightest_over_rate were stamped, and the
+    # same two figures from the fake's own stamps (its event loop), reported beside them.
+    starts_at: str = AT_LOOP
+    starts_note: str = "the fake's own arrival stamps"
+    loop_max_starts_1s: int = 0
+    loop_tightest_over_rate: float = math.inf
+    loop_lag: tuple[float, ...] = ()  # s, fake's stamp minus the kernel's, per request
 
     @property
     def span(self) -> float:
         return max(self.last - self.first, 1e-9)
 
 
-def analyse(recs: Sequence[Rec], planned: Sequence[Planned]) -> Figures:
+def judged_starts(recs: Sequence[Rec], wire: Wire | None) -> tuple[list[float], str, str]:
+    """G4's starts: the kernel's stamps when the capture holds every request the fake
+    recorded (a request cut off before the fake read it is on the wire only), else the
+    fake's. Returns (starts, where, why)."""
+    loop = [r.t for r in recs]
+    if wire is None:
+        return loop, AT_LOOP, "the fake's own arrival stamps"
+    cap = wire.capture
+    if cap is None:
+        return loop, AT_LOOP, f"the fake's own stamps: no kernel stamps ({wire.note})"
+    kernel = cap.starts()
+    if len(kernel) < len(loop):
+        return (
+            loop,
+            AT_LOOP,
+            f"the fake's own stamps: the kernel capture is incomplete ({len(kernel)} of "
+            f"{len(loop)} requests; tcpdump dropped {cap.dropped} packets)",
+        )
+    precision = "ns" if cap.nanosecond else "µs"
+    return (
+        kernel,
+        AT_WIRE,
+        f"the kernel, as each request's first segment reached the fake's port (tcpdump, "
+        f"{cap.stamp_type} stamps in {precision}; {len(kernel)} requests)",
+    )
+
+
+def loop_lag(recs: Sequence[Rec], cap: Capture) -> list[float]:
+    """How long after the kernel's stamp the fake stamped each request (s): records and
+    captured requests matched by account, number and message key, in order."""
+    if not cap.realtime:
+        return []
+    wire: dict[tuple[str, str, str | None], list[float]] = defaultdict(list)
+    for w in cap.messages():
+        body = w.form.get("Body")
+        key = body.rsplit(" ", 1)[-1] if body else None
+        wire[(w.account or "", w.form.get("To", "").removeprefix("whatsapp:"), key)].append(w.t)
+    out = []
+    seen: Counter[tuple[str, str, str | None]] = Counter()
+    for r in recs:
+        k = (r.account, r.to, r.key)
+        if seen[k] < len(wire.get(k, ())):
+            out.append(r.t - wire[k][seen[k]])
+        seen[k] += 1
+    return out
+
+
+def analyse(recs: Sequence[Rec], planned: Sequence[Planned], wire: Wire | None = None) -> Figures:
+    """`wire`: the cluster's kernel stamps (Cluster.wire), for G4's starts."""
     by_key = {p.key: p for p in planned}
     sent = [r for r in recs if r.outcome == "sent"]
     sends_of: dict[str, list[Rec]] = defaultdict(list)
@@ -949,6 +1050,9 @@ def analyse(recs: Sequence[Rec], planned: Sequence[Planned]) -> Figures:
     for r in recs:
         per_conv[r.conversation].append((r.t, r.t_end))
         per_account[r.account].append((r.t, r.t_end))
+    starts, starts_at, starts_note = judged_starts(recs, wire)
+    loop = [r.t for r in recs]
+    cap = wire.capture if wire is not None else None
     return Figures(
         expected=len(planned),
         requests=len(recs),
@@ -961,13 +1065,18 @@ def analyse(recs: Sequence[Rec], planned: Sequence[Planned]) -> Figures:
         max_conversation=max((max_overlap(v) for v in per_conv.values()), default=0),
         max_tenant=max((max_overlap(v) for v in per_account.values()), default=0),
         max_global=max_overlap((r.t, r.t_end) for r in recs),
-        max_starts_1s=max_starts_per_window([r.t for r in recs]),
-        tightest_over_rate=tightest_span([r.t for r in recs], RATE + 1),
+        max_starts_1s=max_starts_per_window(starts),
+        tightest_over_rate=tightest_span(starts, RATE + 1),
         errors_5xx=sum(1 for r in recs if r.outcome == "error" and (r.status or 0) >= 500),
         errors_429=sum(1 for r in recs if r.outcome == "error" and r.status == 429),
         cut=sum(1 for r in recs if r.outcome == "hang"),
         first=min((r.t for r in recs), default=0.0),
         last=max((r.t for r in recs), default=0.0),
+        starts_at=starts_at,
+        starts_note=starts_note,
+        loop_max_starts_1s=max_starts_per_window(loop),
+        loop_tightest_over_rate=tightest_span(loop, RATE + 1),
+        loop_lag=tuple(loop_lag(recs, cap)) if cap is not None else (),
     )
 
 
@@ -1041,13 +1150,45 @@ def guarantee_rows(
     )
     check(rows, "max in flight per tenant", f.max_tenant, f"≤ {TENANT_LIMIT}", f.max_tenant <= 5)
     check(rows, "max in flight overall", f.max_global, f"≤ {GLOBAL_LIMIT}", f.max_global <= 20)
-    check(rows, "max starts in any 1 s", f.max_starts_1s, f"≤ {RATE}", f.max_starts_1s <= RATE)
+    rows.append(Row("send starts stamped by", f.starts_note))
+    check(
+        rows,
+        f"max starts in any 1 s, {f.starts_at}",
+        f.max_starts_1s,
+        f"≤ {RATE}",
+        f.max_starts_1s <= RATE,
+    )
     if math.isfinite(f.tightest_over_rate):
         # The margin behind the row above (not a check of its own).
         rows.append(
             Row(
-                f"shortest span of {RATE + 1} consecutive starts (≥ 1 s: ≤ {RATE} in any 1 s)",
+                f"shortest span of {RATE + 1} consecutive starts, {f.starts_at} "
+                f"(≥ 1 s: ≤ {RATE} in any 1 s)",
                 f"{f.tightest_over_rate * 1000:.1f} ms",
+            )
+        )
+    if f.starts_at != AT_LOOP:
+        # The instrument's own view, for comparison: bunching here and not above is the
+        # fake's loop, not the senders.
+        span = f.loop_tightest_over_rate
+        rows.append(
+            Row(
+                "max starts in any 1 s, at the fake's loop (its own stamps; not judged)",
+                f"{f.loop_max_starts_1s}"
+                + (
+                    f" (shortest span of {RATE + 1}: {span * 1000:.1f} ms)"
+                    if math.isfinite(span)
+                    else ""
+                ),
+            )
+        )
+    if f.loop_lag:
+        lag = [x * 1000 for x in f.loop_lag]
+        rows.append(
+            Row(
+                "fake's stamp behind the kernel's, p50 / p99 / max",
+                f"{percentile(lag, 50):.2f} / {percentile(lag, 99):.2f} / {max(lag):.2f} ms "
+                f"({len(lag)} requests)",
             )
         )
     rows.append(
@@ -1174,7 +1315,7 @@ async def scenario_kill(url: str, workdir: Path, cfg: KillConfig) -> Result:
             c.start_worker()
         await drained
     recs = read_records(c.record)
-    f = analyse(recs, planned)
+    f = analyse(recs, planned, c.wire)
     db = await db_state(url)
     # A duplicate is allowed only if a kill fell between the provider's 201 and the
     # re-send: the killed worker could not have recorded it.
@@ -1269,7 +1410,7 @@ async def scenario_restart(server: PrivateServer, workdir: Path, cfg: RestartCon
         alive = [w.label for w in c.workers if w.alive]
         api_alive = c.api is not None and c.api.alive
     recs = read_records(c.record)
-    f = analyse(recs, planned)
+    f = analyse(recs, planned, c.wire)
     db = await db_state(url)
     rows = guarantee_rows(f, db)
     stopping, down, up = window
@@ -1417,7 +1558,7 @@ async def scenario_brownout(url: str, workdir: Path, cfg: BrownoutConfig) -> Res
         window.append(time.time())
         done_at = await drained
     recs = read_records(c.record)
-    f = analyse(recs, planned)
+    f = analyse(recs, planned, c.wire)
     db = await db_state(url)
     rows = guarantee_rows(f, db)
     t0, t1 = window
@@ -1560,7 +1701,7 @@ async def scenario_overload(url: str, workdir: Path, cfg: OverloadConfig) -> Res
             await bursts.aclose()
             await single.aclose()
     recs = read_records(c.record)
-    f = analyse(recs, planned)
+    f = analyse(recs, planned, c.wire)
     db = await db_state(url)
     rows = guarantee_rows(f, db)
     rows.insert(
@@ -1655,7 +1796,7 @@ async def scenario_deploy(url: str, workdir: Path, cfg: DeployConfig) -> Result:
         codes = [await t for t in exits]
         drains = [w.exited - w.signalled for w in c.ended if w.exited and w.signalled]
     recs = read_records(c.record)
-    f = analyse(recs, planned)
+    f = analyse(recs, planned, c.wire)
     db = await db_state(url)
     rows = guarantee_rows(f, db)
     rows.insert(0, Row("workers SIGTERMed mid-load (each replaced)", str(len(terms))))

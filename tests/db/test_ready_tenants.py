@@ -13,6 +13,8 @@ from typing import Any
 
 from pgqueue import admin, queries
 from pgqueue.db import connect
+from pgqueue.dispatcher import Dispatcher, DispatcherConfig
+from pgqueue.maintenance import Maintenance
 from pgqueue.models import Message
 from tests.helpers import (
     ACCOUNT,
@@ -321,3 +323,26 @@ async def test_a_senders_rate_holds_in_every_second(db_url: str, conn: Any, tmp_
     # At most 10 in any second: the 11th start after any start comes more than 1 s later.
     closest = min(b - a for a, b in zip(starts, starts[10:], strict=False))
     assert closest > 1.0, f"11 starts of a 10/s sender within {closest:.3f} s"
+
+
+async def test_maintenance_marks_rows_left_without_a_head(
+    db_url: str, conn: Any, pool: Any
+) -> None:
+    await add_tenants(conn, 2)
+    await send(conn, "t0", 1)
+    await send(conn, "t1", 2)
+    await conn.execute("DELETE FROM pgqueue.jobs WHERE tenant_id = 't0'")  # by hand
+    dispatcher = Dispatcher(db_url, provider=None, config=DispatcherConfig())  # type: ignore[arg-type]
+    try:
+        report = await Maintenance(pool, dispatcher, queue=QUEUE).run_once()
+        assert report.leader and report.ready_rows_marked == 1
+        claim = queries.Claim(worker_id="w", max_jobs=1, lease_s=60, lookahead_s=0.05)
+        worker = await connect(db_url, application_name="pgqueue-worker:w", generic_plans=True)
+        try:
+            await queries.cycle(worker, queue=QUEUE, claim=claim)
+        finally:
+            await worker.close()
+        # t0's row pruned; t1's drained by the claim that took its head, and pruned too.
+        assert await q(conn, "SELECT tenant_id FROM pgqueue.ready_tenants") == []
+    finally:
+        await dispatcher.close()
