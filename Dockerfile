@@ -1,7 +1,17 @@
 # pgqueue: one image for the API, the workers and the migration job (docker-compose.yml).
 #
-# The repository is copied in and installed editable, so `migrations/` sits beside the
-# package, where pgqueue looks for it (pgqueue/migrate.py).
+# The first stage builds pgqueue's wheel (the migrations are package data inside it); the
+# image installs that wheel, not the source tree, at the versions in constraints.txt.
+FROM python:3.11-slim AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY pgqueue ./pgqueue
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -10,10 +20,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY . /app
+# alembic.ini: `alembic upgrade head` works in the image too (it migrates the installed
+# package's migrations, like `pgqueue migrate`).
+COPY constraints.txt alembic.ini /app/
+COPY --from=build /wheels /wheels
 # The redis extra: REDIS_URL is an optional cache; without Redis nothing changes but speed.
-RUN pip install -e '.[redis]' \
-    && test -f /app/migrations/env.py \
+RUN pip install -c constraints.txt "$(ls /wheels/pgqueue-*.whl)[redis]" \
+    && rm -rf /wheels \
+    && python -c "from pgqueue import migrate; print('migrations up to', migrate.head_revision())" \
     && useradd --create-home --uid 10001 pgqueue
 
 USER pgqueue

@@ -369,12 +369,16 @@ class Dispatcher:
 
     def _tenant_wait(self) -> float | None:
         """Seconds until the first of the served tenants' next slots is half a lookahead
-        ahead (claimable, with time to spare, as the queue's slots are claimed)."""
+        ahead (claimable, with time to spare, as the queue's slots are claimed); at least
+        half a lookahead, though: with many tenants a slot opens every few ms, and a turn
+        each time would spend the CPU the sends need, while a claim every half lookahead
+        still takes every slot before it is due."""
         now = time.time()
         self._tenant_next = {t: s for t, s in self._tenant_next.items() if s > now}
         if not self._tenant_next:
             return None
-        return min(self._tenant_next.values()) - now - self.config.lookahead_s / 2
+        half = self.config.lookahead_s / 2
+        return max(min(self._tenant_next.values()) - now - half, half)
 
     async def drain(self, timeout: float) -> int:
         """Stop claiming; let sends in flight finish (at most `timeout` seconds) and write

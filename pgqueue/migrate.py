@@ -1,8 +1,12 @@
-"""Alembic, driven from code: `pgqueue migrate` and the tests use these."""
+"""Alembic, driven from code: `pgqueue migrate` and the tests use these.
+
+The migrations are package data (pgqueue/migrations), so an installed wheel carries
+them; the root alembic.ini names the same location for `alembic upgrade head`.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import resources
 
 import psycopg
 from alembic import command
@@ -14,16 +18,15 @@ from sqlalchemy import create_engine, pool
 from pgqueue.db import sqlalchemy_url
 from pgqueue.errors import ConfigError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# Alembic's package-resource form: the `migrations` folder of the installed pgqueue.
+SCRIPT_LOCATION = "pgqueue:migrations"
 
 
 def alembic_config(database_url: str) -> Config:
-    if not (MIGRATIONS_DIR / "env.py").exists():
-        raise ConfigError(
-            f"migrations not found at {MIGRATIONS_DIR}: install pgqueue from its source tree"
-        )
+    if not (resources.files("pgqueue") / "migrations" / "env.py").is_file():
+        raise ConfigError("this pgqueue installation has no migrations: reinstall pgqueue")
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", SCRIPT_LOCATION)
     cfg.attributes["database_url"] = database_url
     return cfg
 

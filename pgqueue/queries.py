@@ -29,6 +29,9 @@ Row: TypeAlias = dict[str, Any]
 # 1/h - 1 = 22.5 ms of jitter, 6 of them our own lateness (dispatcher.MAX_LATE_S), while
 # the mean stays above 97.5 % of R with a few missed slots to spare.
 RATE_HEADROOM = 0.978
+# A tenant's own rate slot is handed out at least this far ahead (claim_jobs, reslot):
+# what a claim takes to reach the worker's send, with room to spare on a busy machine.
+SLOT_MARGIN_S = 0.02
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -213,11 +216,17 @@ async def _turn(
                 "lease": claim.lease_s,
                 "lookahead": claim.lookahead_s,
                 "headroom": claim.headroom,
+                "margin": SLOT_MARGIN_S,
             },
         )
         claimed = await conn.execute(
             sql("pace_claimed"),
-            {"queue": queue, "worker_id": claim.worker_id, "headroom": claim.headroom},
+            {
+                "queue": queue,
+                "worker_id": claim.worker_id,
+                "headroom": claim.headroom,
+                "margin": SLOT_MARGIN_S,
+            },
         )
     payload = notify if applied is not None else None
     if claimed is None and not release:
@@ -252,7 +261,9 @@ async def reslot(
     """Fresh rate slots for jobs that missed their own, one per job of `tenants` (each
     job's tenant, in order); returns their starts (epoch s)."""
     rows = await fetch_all(
-        conn, "reslot", {"queue": queue, "tenants": list(tenants), "headroom": headroom}
+        conn,
+        "reslot",
+        {"queue": queue, "tenants": list(tenants), "headroom": headroom, "margin": SLOT_MARGIN_S},
     )
     if len(rows) != len(tenants):  # the queue row is gone: nothing paces them any more
         return [time.time()] * len(tenants)

@@ -160,9 +160,10 @@ SELECT name, (SELECT count(*) FROM woken) AS woken FROM q;
 -- transaction, so this statement's snapshot already holds every committed claim; their
 -- rate slots follow in pace_claimed, in the same transaction (which returns them).
 --  * the tenants looked at are those with sends in flight (`busy`: at most the global
---    limit's) and, from the front of ready_tenants' index, the first n tenants with
---    nothing in flight that have a waiting head at their row's priority, are not paused
---    and are within their own rate: their order among themselves is the claim's order
+--    limit's) and, from the front of ready_tenants' index (pgqueue.ready_front), the
+--    first n tenants with nothing in flight that have a waiting head at their row's
+--    priority, are not paused and are within their own rate: their order among
+--    themselves is the claim's order
 --    (their k-th head puts them at k sends in flight, behind every tenant's first), so no
 --    tenant further down can have a head among the n chosen. The cost follows n and the
 --    sends in flight, not the number of tenants, nor of tenants with work;
@@ -179,6 +180,7 @@ WITH q AS (
     SELECT name, global_concurrency, tenant_concurrency,
            clock_timestamp() AS now,
            clock_timestamp() + make_interval(secs => %(lookahead)s) AS horizon,
+           clock_timestamp() + make_interval(secs => %(margin)s) AS earliest,
            greatest(rate_tat, clock_timestamp()) AS base,
            1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
@@ -201,33 +203,25 @@ WITH q AS (
                END) AS n
     FROM q
 ), looked_at AS (
-    SELECT b.tenant_id AS id, b.n AS active, t.last_served_at AS served_at
-    FROM busy b JOIN pgqueue.tenants t ON t.id = b.tenant_id
+    SELECT b.tenant_id AS id, b.n AS active, NULL::timestamptz AS served_at
+    FROM busy b
     UNION ALL
-    (SELECT r.tenant_id, 0, r.served_at
-     FROM pgqueue.ready_tenants r
-     JOIN pgqueue.tenants t ON t.id = r.tenant_id
-     WHERE r.queue = %(queue)s
-       AND NOT t.paused
-       AND t.rate_tat <= (SELECT horizon FROM q)
-       AND NOT EXISTS (SELECT 1 FROM busy b WHERE b.tenant_id = r.tenant_id)
-       AND r.priority = (SELECT j.priority FROM pgqueue.jobs j
-                         WHERE j.queue = r.queue AND j.tenant_id = r.tenant_id
-                           AND j.is_head AND j.state = 'waiting'
-                         ORDER BY j.priority DESC, j.seq LIMIT 1)
-     ORDER BY r.priority DESC, r.served_at NULLS FIRST, r.tenant_id
-     LIMIT (SELECT n FROM budget))
+    SELECT f.tenant_id, 0, f.served_at
+    FROM q, pgqueue.ready_front(%(queue)s, q.horizon, (SELECT n FROM budget),
+                                (SELECT coalesce(array_agg(tenant_id), '{}') FROM busy)) f
 ), free_tenants AS (
-    SELECT l.id, l.active, l.served_at,
+    SELECT l.id, l.active, coalesce(l.served_at, t.last_served_at) AS served_at,
            least(coalesce(t.max_concurrency, q.tenant_concurrency) - l.active,
                  (SELECT n FROM budget),
                  CASE WHEN t.rate_per_second IS NULL THEN NULL
                       WHEN t.rate_tat > q.horizon THEN 0
-                      ELSE floor(extract(epoch FROM q.horizon - greatest(t.rate_tat, q.now))
+                      ELSE floor(extract(epoch FROM q.horizon - greatest(t.rate_tat, q.earliest))
                                  * t.rate_per_second * %(headroom)s)::int + 1
                  END) AS free
     FROM looked_at l
-    JOIN pgqueue.tenants t ON t.id = l.id
+    -- One lookup by key each (OFFSET 0 keeps it so): hashing the tenants table to join
+    -- a claim's few would read every tenant.
+    CROSS JOIN LATERAL (SELECT * FROM pgqueue.tenants x WHERE x.id = l.id OFFSET 0) t
     CROSS JOIN q
     WHERE NOT t.paused
 ), candidates AS (
@@ -298,7 +292,10 @@ WHERE r.queue = %(queue)s AND r.tenant_id IN (SELECT tenant_id FROM claimed);
 --    deliver 97.8 %% of R. (A token bucket of capacity R would allow 2R in one second.)
 --    A tenant with a rate r of its own is paced the same way, one start every
 --    1 / (h * r) s: pgqueue.pace gives each job the first moment both allow, taking the
---    jobs in order of their tenants' own slots, so a far one holds no other back.
+--    jobs in order of their tenants' own slots, so a far one holds no other back. Its
+--    first slot after a pause is %(margin)s s ahead, not now: a slot of now is late by
+--    the time the job reaches its worker, and a missed slot costs such a tenant 1 / r s
+--    (the queue's slots are ahead of now anyway while its rate binds).
 --    The dispatcher never starts a send more than a few ms after its slot: a late one
 --    takes a new slot (reslot). Slots are handed out about a lookahead ahead (claim_jobs
 --    counts them), so a slot held by a job waiting for its start keeps a concurrency
@@ -316,12 +313,13 @@ WHERE r.queue = %(queue)s AND r.tenant_id IN (SELECT tenant_id FROM claimed);
 WITH q AS (
     SELECT name, rate_per_second * (1 - %(headroom)s) >= global_concurrency + 1 AS late_ok,
            global_concurrency, clock_timestamp() AS now,
+           clock_timestamp() + make_interval(secs => %(margin)s) AS earliest,
            greatest(rate_tat, clock_timestamp()) AS base,
            1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
 ), mine AS (
     SELECT j.id, j.tenant_id, j.priority, j.seq, t.rate_per_second IS NOT NULL AS rated,
-           greatest(t.rate_tat, q.now) AS rate_base,
+           greatest(t.rate_tat, q.earliest) AS rate_base,
            1.0 / (t.rate_per_second * %(headroom)s) AS rate_spacing,
            row_number() OVER (PARTITION BY j.tenant_id ORDER BY j.priority DESC, j.seq) AS k
     FROM pgqueue.jobs j
@@ -612,7 +610,8 @@ SET drained = true
 WHERE r.queue = %(queue)s AND NOT r.drained
   AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
                   WHERE j.queue = r.queue AND j.tenant_id = r.tenant_id
-                    AND j.priority = r.priority AND j.is_head AND j.state = 'waiting');
+                    AND j.priority = r.priority AND j.is_head AND j.state = 'waiting'
+                  OFFSET 0);
 
 
 -- name: tenant_in_flight
@@ -1077,7 +1076,8 @@ WITH q AS (
     SELECT i.tenant_id, i.ord,
            (lag(i.ord) OVER (PARTITION BY i.tenant_id ORDER BY i.ord))::int AS prev,
            CASE WHEN t.rate_per_second IS NOT NULL
-                THEN greatest(t.rate_tat, clock_timestamp()) END AS rate_base,
+                THEN greatest(t.rate_tat, clock_timestamp() + make_interval(secs => %(margin)s))
+           END AS rate_base,
            1.0 / (t.rate_per_second * %(headroom)s) AS rate_spacing
     FROM unnest(%(tenants)s::text[]) WITH ORDINALITY AS i(tenant_id, ord)
     LEFT JOIN pgqueue.tenants t ON t.id = i.tenant_id

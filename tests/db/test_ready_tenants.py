@@ -71,11 +71,11 @@ async def _claim(conn: Any, n: int, lookahead: float, worker: str = "probe") -> 
         "lease": 60,
         "lookahead": lookahead,
         "headroom": H,
+        "margin": queries.SLOT_MARGIN_S,
     }
     await conn.execute(queries.sql("claim_jobs"), params)
-    cur = await conn.execute(
-        queries.sql("pace_claimed"), {"queue": QUEUE, "worker_id": worker, "headroom": H}
-    )
+    pace = {"queue": QUEUE, "worker_id": worker, "headroom": H, "margin": queries.SLOT_MARGIN_S}
+    cur = await conn.execute(queries.sql("pace_claimed"), pace)
     return await cur.fetchall()
 
 
@@ -286,8 +286,8 @@ async def test_a_fast_sender_gets_several_jobs_a_claim_at_its_own_pace(
         claim = queries.Claim(worker_id="w", max_jobs=60, lease_s=60, lookahead_s=0.2)
         first = (await queries.cycle(worker, queue=QUEUE, claim=claim)).claimed
         mine = [r["start_at"] for r in first if r["tenant_id"] == "t0"]
-        # Its slots within the lookahead: one now, then one every 1 / (h * 50) s.
-        assert len(mine) == int(0.2 * 50 * H) + 1
+        # Its slots within the lookahead: one a margin ahead, then one every 1 / (h * 50) s.
+        assert len(mine) == int((0.2 - queries.SLOT_MARGIN_S) * 50 * H) + 1
         assert min(gaps(mine)) >= 1 / (50 * H) - 1e-6
         assert max(gaps(mine)) <= 1 / (50 * H) + 2e-3
         # The queue's own pace holds for every start, the tenant's or not.

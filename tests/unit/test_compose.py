@@ -117,15 +117,17 @@ def test_compose_declares_the_stack() -> None:
             assert key in env, f"{name} does not set {key}"
 
 
-def test_dockerfile_installs_the_repository_with_its_migrations() -> None:
+def test_dockerfile_installs_the_wheel_at_the_pinned_versions() -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.MULTILINE)
-    assert "pip install -e" in text
-    # pgqueue finds migrations/ beside the package: the build context must keep both.
+    # The image runs the wheel (migrations inside it as package data), not the source tree.
+    assert "pip wheel --no-deps" in text
+    assert re.search(r"pip install -c constraints\.txt .*/wheels/pgqueue-\*\.whl", text)
+    assert "pip install -e" not in text
     ignored = {
         line.strip().strip("/")
         for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.startswith("#")
     }
-    for needed in ("pgqueue", "migrations", "pyproject.toml", "README.md"):
+    for needed in ("pgqueue", "pyproject.toml", "README.md", "constraints.txt", "alembic.ini"):
         assert needed not in ignored, f".dockerignore leaves {needed} out of the image"

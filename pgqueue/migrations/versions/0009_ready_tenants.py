@@ -96,13 +96,17 @@ def upgrade() -> None:
             -- A fresh snapshot (a new statement of a volatile function): a row pruned
             -- before the lock was granted is seen gone. Looked for before inserting, so
             -- that a row a claim is updating is not waited for.
+            -- Each looked up by key (OFFSET 0 keeps the lookups per row): the planner
+            -- knows nothing of new_rows and would rather hash all of ready_tenants and
+            -- tenants, on every statement that makes a head waiting.
             INSERT INTO pgqueue.ready_tenants (queue, tenant_id, priority, served_at)
-            SELECT DISTINCT n.queue, n.tenant_id, n.priority, t.last_served_at
-            FROM new_rows n JOIN pgqueue.tenants t ON t.id = n.tenant_id
-            WHERE n.is_head AND n.state = 'waiting'
-              AND NOT EXISTS (SELECT 1 FROM pgqueue.ready_tenants r
+            SELECT n.queue, n.tenant_id, n.priority,
+                   (SELECT t.last_served_at FROM pgqueue.tenants t WHERE t.id = n.tenant_id)
+            FROM (SELECT DISTINCT queue, tenant_id, priority FROM new_rows
+                  WHERE is_head AND state = 'waiting') n
+            WHERE NOT EXISTS (SELECT 1 FROM pgqueue.ready_tenants r
                               WHERE r.queue = n.queue AND r.tenant_id = n.tenant_id
-                                AND r.priority = n.priority)
+                                AND r.priority = n.priority OFFSET 0)
             ON CONFLICT DO NOTHING;
             RETURN NULL;
         END $$
@@ -140,7 +144,7 @@ def upgrade() -> None:
               AND NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
                               WHERE j.queue = r.queue AND j.tenant_id = r.tenant_id
                                 AND j.priority = r.priority
-                                AND j.is_head AND j.state = 'waiting');
+                                AND j.is_head AND j.state = 'waiting' OFFSET 0);
             GET DIAGNOSTICS pruned = ROW_COUNT;
             UPDATE pgqueue.ready_tenants r SET drained = false
             WHERE r.queue = p_queue AND r.drained AND r.tenant_id = ANY (locked);
@@ -149,6 +153,49 @@ def upgrade() -> None:
         """
     )
 
+    op.execute(
+        """
+        CREATE FUNCTION pgqueue.ready_front(p_queue text, p_horizon timestamptz,
+                                            p_n integer, p_busy text[])
+        RETURNS TABLE (tenant_id text, served_at timestamptz)
+        -- A claim's worth of rows: planned as 1,000 (the default), the claim would hash
+        -- all of pgqueue.tenants to join them.
+        LANGUAGE plpgsql STABLE ROWS 20 AS $$
+        -- The first p_n tenants of ready_tenants' index order (priority, then served
+        -- longest ago) that have nothing in flight (p_busy), are not paused, are within
+        -- their own rate by p_horizon and have a waiting head at their row's priority
+        -- (a row at a lower one than their best is skipped: the best comes first). A
+        -- loop over the index, so the cost follows the rows read up to the p_n-th: as a
+        -- query, the planner reads every row and sorts them where it deems that cheaper.
+        DECLARE
+            r record;
+            left_n integer := p_n;
+        BEGIN
+            IF left_n <= 0 THEN
+                RETURN;
+            END IF;
+            FOR r IN SELECT x.tenant_id, x.priority, x.served_at
+                     FROM pgqueue.ready_tenants x WHERE x.queue = p_queue
+                     ORDER BY x.priority DESC, x.served_at NULLS FIRST, x.tenant_id
+            LOOP
+                CONTINUE WHEN r.tenant_id = ANY (p_busy);
+                CONTINUE WHEN NOT EXISTS (SELECT 1 FROM pgqueue.tenants t
+                                          WHERE t.id = r.tenant_id AND NOT t.paused
+                                            AND t.rate_tat <= p_horizon);
+                CONTINUE WHEN r.priority IS DISTINCT FROM (
+                    SELECT j.priority FROM pgqueue.jobs j
+                    WHERE j.queue = p_queue AND j.tenant_id = r.tenant_id
+                      AND j.is_head AND j.state = 'waiting'
+                    ORDER BY j.priority DESC, j.seq LIMIT 1);
+                tenant_id := r.tenant_id;
+                served_at := r.served_at;
+                RETURN NEXT;
+                left_n := left_n - 1;
+                EXIT WHEN left_n = 0;
+            END LOOP;
+        END $$
+        """
+    )
     op.execute(
         """
         CREATE FUNCTION pgqueue.pace(first_start timestamptz, spacing float8, prev integer[],
@@ -182,6 +229,7 @@ def downgrade() -> None:
     op.execute(
         "DROP FUNCTION pgqueue.pace(timestamptz, float8, integer[], timestamptz[], float8[])"
     )
+    op.execute("DROP FUNCTION pgqueue.ready_front(text, timestamptz, integer, text[])")
     op.execute("DROP FUNCTION pgqueue.prune_ready(text)")
     for event in ("insert", "update"):
         op.execute(f"DROP TRIGGER jobs_ready_after_{event} ON pgqueue.jobs")

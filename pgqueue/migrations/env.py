@@ -1,7 +1,12 @@
-"""Alembic environment: the URL comes from pgqueue's Settings (or the caller), never a file."""
+"""Alembic environment: the URL comes from pgqueue's Settings (or the caller), never a file.
+
+Run by `pgqueue migrate` (pgqueue.migrate passes the URL) and by `alembic upgrade head`
+with the root alembic.ini (DATABASE_URL, else the embedded server, as every command).
+"""
 
 from __future__ import annotations
 
+from logging.config import fileConfig
 from typing import Any
 
 from alembic import context
@@ -12,6 +17,9 @@ from pgqueue.db import resolve_database_url, sqlalchemy_url
 from pgqueue.schema import RUNTIME_TABLE_PREFIXES, SCHEMA, metadata
 
 config = context.config
+if config.config_file_name is not None:
+    # The alembic command line: log each step as Alembic does by default.
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
 def include_object(
