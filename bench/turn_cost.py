@@ -110,6 +110,7 @@ async def measure(url: str, batch: int, turns: int) -> dict[str, tuple[float, fl
                     "lease": 60.0,
                     "lookahead": 0.05,
                     "headroom": queries.RATE_HEADROOM,
+                    "margin": queries.SLOT_MARGIN_S,
                 },
             )
             await statement(

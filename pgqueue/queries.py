@@ -207,7 +207,7 @@ async def _turn(
         applied = await _write_outcomes(conn, queue, outcomes)
     claimed = None
     if claim is not None and claim.max_jobs > 0:
-        await conn.execute(
+        claimed = await conn.execute(
             sql("claim_jobs"),
             {
                 "queue": queue,
@@ -215,15 +215,6 @@ async def _turn(
                 "max_jobs": claim.max_jobs,
                 "lease": claim.lease_s,
                 "lookahead": claim.lookahead_s,
-                "headroom": claim.headroom,
-                "margin": SLOT_MARGIN_S,
-            },
-        )
-        claimed = await conn.execute(
-            sql("pace_claimed"),
-            {
-                "queue": queue,
-                "worker_id": claim.worker_id,
                 "headroom": claim.headroom,
                 "margin": SLOT_MARGIN_S,
             },

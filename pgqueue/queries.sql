@@ -156,28 +156,50 @@ SELECT name, (SELECT count(*) FROM woken) AS woken FROM q;
 
 
 -- name: claim_jobs
--- Claims up to %(max_jobs)s conversation heads. Run right after lock_queue, in the same
--- transaction, so this statement's snapshot already holds every committed claim; their
--- rate slots follow in pace_claimed, in the same transaction (which returns them).
+-- Claims up to %(max_jobs)s conversation heads and gives each its rate slot, in one
+-- statement (one update a job: a second one cost the server as much as the claim).
+-- Run right after lock_queue, in the same transaction, so this statement's snapshot
+-- already holds every committed claim.
 --  * the tenants looked at are those with sends in flight (`busy`: at most the global
 --    limit's) and, from the front of ready_tenants' index (pgqueue.ready_front), the
 --    first n tenants with nothing in flight that have a waiting head at their row's
 --    priority, are not paused and are within their own rate: their order among
---    themselves is the claim's order
---    (their k-th head puts them at k sends in flight, behind every tenant's first), so no
---    tenant further down can have a head among the n chosen. The cost follows n and the
---    sends in flight, not the number of tenants, nor of tenants with work;
+--    themselves is the claim's order (their k-th head puts them at k sends in flight,
+--    behind every tenant's first), so no tenant further down can have a head among the
+--    n chosen. The cost follows n and the sends in flight, not the number of tenants;
 --  * each tenant is read through a LATERAL over the waiting heads' index, at most its
 --    free slots (G2) and, with a rate of its own, its rate slots within the lookahead;
 --  * order: priority (G5), then the tenant with the fewest sends in flight counting the
 --    ones this claim hands out, then the tenant served longest ago (G6; tenants served
 --    by one claim share that moment: then by id, as the index has them), then seq;
 --  * at most the free global slots (G3) and the queue's rate slots within the
---    lookahead (G4, see pace_claimed);
+--    lookahead (G4);
+--  * rate (G4): starts are paced by GCRA on the database clock, one every
+--    1 / (h * R) seconds (h = %(headroom)s, 0.978), each job carrying the moment
+--    (`start_at`) it may start. Evenly spaced starts put at most ceil(h * R * (1 s +
+--    jitter)) <= R of them in any 1-second window as long as the jitter between start_at
+--    and the request reaching the provider stays under 1/h - 1 = 22.5 ms, and still
+--    deliver 97.8 %% of R. (A token bucket of capacity R would allow 2R in one second.)
+--    A tenant with a rate r of its own is paced the same way, one start every
+--    1 / (h * r) s (G4b): pgqueue.pace gives each job the first moment both allow,
+--    taking the jobs in order of their tenants' own slots, so a far one holds no other
+--    back. Its first slot after a pause is %(margin)s s ahead, not now: a slot of now is
+--    late by the time the job reaches its worker. The dispatcher never starts a send
+--    more than a few ms after its slot: a late one takes a new slot (reslot);
+--  * lateness matters only while the rate can bind: in any window, the starts are at
+--    most its slots (h * R + 1) plus the late ones of earlier slots, and those are jobs
+--    in flight, at most the global limit G. When h * R + 1 + G <= R, no lateness can
+--    break G4, and `late_ok` tells the dispatcher so (a lifted rate), except for a
+--    tenant with a rate of its own;
+--  * `global_free`: the global slots left free, for the dispatcher to claim ahead only
+--    where that cannot crowd other workers out;
+--  * the conversation's advisory lock is taken in the same transaction as the claim
+--    (G9): a job is never active and committed while its owner does not hold that lock;
 --  * the served tenants' ready rows move to the back (served_at) and, where this claim
 --    took the last waiting head at their priority, are marked drained for prune_ready.
 WITH q AS (
     SELECT name, global_concurrency, tenant_concurrency,
+           rate_per_second * (1 - %(headroom)s) >= global_concurrency + 1 AS late_ok,
            clock_timestamp() AS now,
            clock_timestamp() + make_interval(secs => %(lookahead)s) AS horizon,
            clock_timestamp() + make_interval(secs => %(margin)s) AS earliest,
@@ -194,10 +216,12 @@ WITH q AS (
     FROM pgqueue.jobs j
     WHERE j.state = 'active'
     GROUP BY j.tenant_id
+), free_global AS (
+    SELECT global_concurrency - (SELECT coalesce(sum(here), 0)::int FROM busy) AS n FROM q
 ), budget AS (
     SELECT least(
                %(max_jobs)s,
-               global_concurrency - (SELECT coalesce(sum(here), 0)::int FROM busy),
+               (SELECT n FROM free_global),
                CASE WHEN base > horizon THEN 0
                     ELSE floor(extract(epoch FROM horizon - base) / spacing)::int + 1
                END) AS n
@@ -211,6 +235,7 @@ WITH q AS (
                                 (SELECT coalesce(array_agg(tenant_id), '{}') FROM busy)) f
 ), free_tenants AS (
     SELECT l.id, l.active, coalesce(l.served_at, t.last_served_at) AS served_at,
+           t.rate_per_second AS rate, t.rate_tat,
            least(coalesce(t.max_concurrency, q.tenant_concurrency) - l.active,
                  (SELECT n FROM budget),
                  CASE WHEN t.rate_per_second IS NULL THEN NULL
@@ -248,85 +273,15 @@ WITH q AS (
 ), locked AS (
     -- Only the chosen rows are locked (candidates of other tenants stay free for other
     -- claimers); a row that changed meanwhile is skipped, never waited for.
-    SELECT j.id
+    SELECT j.id, j.tenant_id, j.priority, j.seq
     FROM pgqueue.jobs j
     WHERE j.id IN (SELECT id FROM chosen) AND j.is_head AND j.state = 'waiting'
     FOR UPDATE OF j SKIP LOCKED
-), claimed AS (
-    UPDATE pgqueue.jobs j
-    SET state = 'active',
-        attempts = j.attempts + 1,
-        claim_token = gen_random_uuid(),
-        claimed_by = %(worker_id)s,
-        start_at = NULL,
-        lease_expires_at = q.now + make_interval(secs => %(lease)s),
-        updated_at = q.now
-    FROM q
-    WHERE j.id IN (SELECT id FROM locked)
-    RETURNING j.id, j.tenant_id
-), served AS (
-    UPDATE pgqueue.tenants t
-    SET last_served_at = q.now
-    FROM q
-    WHERE t.id IN (SELECT tenant_id FROM claimed)
-)
-UPDATE pgqueue.ready_tenants r
-SET served_at = q.now,
-    drained = NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
-                          WHERE j.queue = r.queue AND j.tenant_id = r.tenant_id
-                            AND j.priority = r.priority
-                            AND j.is_head AND j.state = 'waiting'
-                            AND j.id NOT IN (SELECT id FROM claimed))
-FROM q
-WHERE r.queue = %(queue)s AND r.tenant_id IN (SELECT tenant_id FROM claimed);
-
-
--- name: pace_claimed
--- The rate slots of the jobs claim_jobs just took (this worker's active jobs without a
--- start yet), and those jobs with what a send needs.
---  * rate (G4): starts are paced by GCRA on the database clock, one every
---    1 / (h * R) seconds (h = %(headroom)s, 0.978), each job carrying the moment
---    (`start_at`) it may start. Evenly spaced starts put at most ceil(h * R * (1 s +
---    jitter)) <= R of them in any 1-second window as long as the jitter between start_at
---    and the request reaching the provider stays under 1/h - 1 = 22.5 ms, and still
---    deliver 97.8 %% of R. (A token bucket of capacity R would allow 2R in one second.)
---    A tenant with a rate r of its own is paced the same way, one start every
---    1 / (h * r) s: pgqueue.pace gives each job the first moment both allow, taking the
---    jobs in order of their tenants' own slots, so a far one holds no other back. Its
---    first slot after a pause is %(margin)s s ahead, not now: a slot of now is late by
---    the time the job reaches its worker, and a missed slot costs such a tenant 1 / r s
---    (the queue's slots are ahead of now anyway while its rate binds).
---    The dispatcher never starts a send more than a few ms after its slot: a late one
---    takes a new slot (reslot). Slots are handed out about a lookahead ahead (claim_jobs
---    counts them), so a slot held by a job waiting for its start keeps a concurrency
---    slot busy only briefly;
---    Lateness matters only while the rate can bind, though: in any window, the starts
---    are at most its slots (h * R + 1) plus the late ones of earlier slots, and those
---    are jobs in flight, at most the global limit G. When h * R + 1 + G <= R, no
---    lateness can break G4, and `late_ok` tells the dispatcher so (a lifted rate),
---    except for a tenant with a rate of its own; jobs the dispatcher holds before
---    their start (claimed ahead) stay active, so they are among those G;
---  * `global_free`: the global slots left free, for the dispatcher to claim ahead only
---    where that cannot crowd other workers out;
---  * the conversation's advisory lock is taken in the same transaction as the claim
---    (G9): a job is never active and committed while its owner does not hold that lock.
-WITH q AS (
-    SELECT name, rate_per_second * (1 - %(headroom)s) >= global_concurrency + 1 AS late_ok,
-           global_concurrency, clock_timestamp() AS now,
-           clock_timestamp() + make_interval(secs => %(margin)s) AS earliest,
-           greatest(rate_tat, clock_timestamp()) AS base,
-           1.0 / (rate_per_second * %(headroom)s) AS spacing
-    FROM pgqueue.queues WHERE name = %(queue)s
 ), mine AS (
-    SELECT j.id, j.tenant_id, j.priority, j.seq, t.rate_per_second IS NOT NULL AS rated,
-           greatest(t.rate_tat, q.earliest) AS rate_base,
-           1.0 / (t.rate_per_second * %(headroom)s) AS rate_spacing,
-           row_number() OVER (PARTITION BY j.tenant_id ORDER BY j.priority DESC, j.seq) AS k
-    FROM pgqueue.jobs j
-    JOIN pgqueue.tenants t ON t.id = j.tenant_id
-    CROSS JOIN q
-    WHERE j.queue = %(queue)s AND j.state = 'active' AND j.start_at IS NULL
-      AND j.claimed_by = %(worker_id)s
+    SELECT l.*, ft.rate IS NOT NULL AS rated, greatest(ft.rate_tat, q.earliest) AS rate_base,
+           1.0 / (ft.rate * %(headroom)s) AS rate_spacing,
+           row_number() OVER (PARTITION BY l.tenant_id ORDER BY l.priority DESC, l.seq) AS k
+    FROM locked l JOIN free_tenants ft ON ft.id = l.tenant_id CROSS JOIN q
 ), ordered AS (
     -- In order of the tenants' own rate slots (none: first), each job with the previous
     -- one of its tenant, for pgqueue.pace.
@@ -343,26 +298,47 @@ WITH q AS (
                                   array_agg(o.rate_base ORDER BY o.slot),
                                   array_agg(o.rate_spacing ORDER BY o.slot)) END AS starts
     FROM ordered o, q GROUP BY q.base, q.spacing
-), timed AS (
+), timed AS MATERIALIZED (
     SELECT o.id, o.slot, coalesce(p.starts[o.slot],
                                   q.base + make_interval(secs => q.spacing * (o.slot - 1))) AS start
     FROM ordered o, paced p, q
 ), claimed AS (
     UPDATE pgqueue.jobs j
-    SET start_at = t.start, started_at = coalesce(j.started_at, t.start)
-    FROM timed t
+    SET state = 'active',
+        attempts = j.attempts + 1,
+        claim_token = gen_random_uuid(),
+        claimed_by = %(worker_id)s,
+        start_at = t.start,
+        started_at = coalesce(j.started_at, t.start),
+        lease_expires_at = q.now + make_interval(secs => %(lease)s),
+        updated_at = q.now
+    FROM q, timed t
     WHERE j.id = t.id
     RETURNING j.*, t.slot
-), tenant_rates AS (
+), served AS (
+    -- One update a tenant row: last served, and the next slot of its own rate.
     UPDATE pgqueue.tenants t
-    SET rate_tat = s.last_start + make_interval(secs => 1.0 / (t.rate_per_second * %(headroom)s))
-    FROM (SELECT tenant_id, max(start_at) AS last_start FROM claimed GROUP BY tenant_id) s
-    WHERE t.id = s.tenant_id AND t.rate_per_second IS NOT NULL
+    SET last_served_at = q.now,
+        rate_tat = CASE WHEN t.rate_per_second IS NULL THEN t.rate_tat
+                        ELSE s.last_start + make_interval(
+                                 secs => 1.0 / (t.rate_per_second * %(headroom)s)) END
+    FROM q, (SELECT tenant_id, max(start_at) AS last_start FROM claimed GROUP BY 1) s
+    WHERE t.id = s.tenant_id
 ), queue_rate AS (
     UPDATE pgqueue.queues qq
     SET rate_tat = (SELECT max(start_at) FROM claimed) + make_interval(secs => q.spacing)
     FROM q
     WHERE qq.name = q.name AND EXISTS (SELECT 1 FROM claimed)
+), ready AS (
+    UPDATE pgqueue.ready_tenants r
+    SET served_at = q.now,
+        drained = NOT EXISTS (SELECT 1 FROM pgqueue.jobs j
+                              WHERE j.queue = r.queue AND j.tenant_id = r.tenant_id
+                                AND j.priority = r.priority
+                                AND j.is_head AND j.state = 'waiting'
+                                AND j.id NOT IN (SELECT id FROM claimed))
+    FROM q
+    WHERE r.queue = %(queue)s AND r.tenant_id IN (SELECT tenant_id FROM claimed)
 )
 SELECT c.id, c.queue, c.tenant_id, c.conversation, c.priority, c.to_number, c.from_number,
        c.body, c.content_sid, c.content_variables, c.message_type, c.attempts,
@@ -370,14 +346,13 @@ SELECT c.id, c.queue, c.tenant_id, c.conversation, c.priority, c.to_number, c.fr
        extract(epoch FROM c.start_at - q.now)::float8 AS start_delay,
        q.late_ok AND t.rate_per_second IS NULL AS late_ok,
        (1.0 / (t.rate_per_second * %(headroom)s))::float8 AS rate_spacing,
-       q.global_concurrency - (SELECT count(*) FROM pgqueue.jobs a
-                               WHERE a.queue = q.name AND a.state = 'active')::int AS global_free,
+       (SELECT n FROM free_global) - (SELECT count(*) FROM claimed)::int AS global_free,
        t.account_sid, t.auth_token, t.whatsapp_from, t.fallback_content_sid,
        t.fallback_variable,
        hashtextextended(c.queue || chr(31) || c.conversation, 0) AS lock_key,
        pg_try_advisory_lock(hashtextextended(c.queue || chr(31) || c.conversation, 0)) AS locked
 FROM claimed c
-JOIN pgqueue.tenants t ON t.id = c.tenant_id
+CROSS JOIN LATERAL (SELECT * FROM pgqueue.tenants x WHERE x.id = c.tenant_id OFFSET 0) t
 CROSS JOIN q
 ORDER BY c.slot;
 
@@ -1046,19 +1021,22 @@ RETURNING tenant_id, phone_number, reason_code;
 
 
 -- name: api_tenant_for_token
--- The tenant of an API token (looked up by its sha256; revoked tokens have none). The
--- last-use stamp is written at most once a minute per token: a write on every request
--- would make all requests with one token queue on that row's lock and on a WAL flush.
+-- The tenant of an API token (looked up by its sha256; revoked and expired tokens have
+-- none), and for how many more seconds it is valid (NULL: until revoked), so that no
+-- cache trusts it past its expiry. The last-use stamp is written at most once a minute
+-- per token: a write on every request would make all requests with one token queue on
+-- that row's lock and on a WAL flush.
 WITH token AS (
-    SELECT a.id, a.tenant_id, a.last_used_at
+    SELECT a.id, a.tenant_id, a.last_used_at, a.expires_at
     FROM pgqueue.api_tokens a
     WHERE a.token_hash = %(token_hash)s AND a.revoked_at IS NULL
+      AND (a.expires_at IS NULL OR a.expires_at > now())
 ), touched AS (
     UPDATE pgqueue.api_tokens a SET last_used_at = now()
     FROM token t
     WHERE a.id = t.id AND (t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 minute')
 )
-SELECT tenant_id FROM token;
+SELECT tenant_id, extract(epoch FROM expires_at - now())::float8 AS valid_s FROM token;
 
 
 -- name: reslot

@@ -73,9 +73,7 @@ async def _claim(conn: Any, n: int, lookahead: float, worker: str = "probe") -> 
         "headroom": H,
         "margin": queries.SLOT_MARGIN_S,
     }
-    await conn.execute(queries.sql("claim_jobs"), params)
-    pace = {"queue": QUEUE, "worker_id": worker, "headroom": H, "margin": queries.SLOT_MARGIN_S}
-    cur = await conn.execute(queries.sql("pace_claimed"), pace)
+    cur = await conn.execute(queries.sql("claim_jobs"), params)
     return await cur.fetchall()
 
 
