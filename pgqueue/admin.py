@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgqueue import queries
+from pgqueue.credentials import Keyring
 from pgqueue.enqueue import normalize_phone
 from pgqueue.errors import NotFoundError, ValidationError
 
@@ -60,6 +61,11 @@ def _auth_token(value: str) -> str:
     return value
 
 
+def _sealed(value: str, keyring: Keyring | None) -> str:
+    token = _auth_token(value)
+    return token if keyring is None else keyring.seal(token)
+
+
 def _positive_int(value: int | None, name: str) -> int | None:
     if value is not None and (isinstance(value, bool) or value < 1 or value > 100_000):
         raise ValidationError(f"{name} must be a whole number from 1 to 100000", field=name)
@@ -87,8 +93,10 @@ async def add_tenant(
     name: str | None = None,
     max_concurrency: int | None = None,
     rate_per_second: float | None = None,
+    keyring: Keyring | None = None,
 ) -> dict[str, Any]:
-    """`whatsapp_from` is the default sender; `senders` the others a message may name."""
+    """`whatsapp_from` is the default sender; `senders` the others a message may name.
+    The auth token is stored encrypted with `keyring`'s first key (plain without one)."""
     validate_tenant_id(tenant_id)
     default = normalize_phone(whatsapp_from, field="from")
     others = [n for n in _senders(senders, "sender") if n != default]
@@ -104,7 +112,7 @@ async def add_tenant(
                 tenant_id,
                 name or tenant_id,
                 _account_sid(account_sid),
-                _auth_token(auth_token),
+                _sealed(auth_token, keyring),
                 default,
                 others,
                 _positive_int(max_concurrency, "max_concurrency"),
@@ -154,16 +162,18 @@ async def set_tenant(
     paused: bool | None = None,
     fallback_content_sid: str | None = _UNSET,
     fallback_variable: str | None = _UNSET,
+    keyring: Keyring | None = None,
 ) -> dict[str, Any]:
     """Change what is given; `None` for max_concurrency / rate / fallback means 'back to
-    the default' (queue limit, no own rate, no fallback)."""
+    the default' (queue limit, no own rate, no fallback). A new auth token is stored
+    encrypted with `keyring`'s first key (plain without one)."""
     changes: dict[str, Any] = {}
     if name is not None:
         changes["name"] = name
     if account_sid is not None:
         changes["account_sid"] = _account_sid(account_sid)
     if auth_token is not None:
-        changes["auth_token"] = _auth_token(auth_token)
+        changes["auth_token"] = _sealed(auth_token, keyring)
     if whatsapp_from is not None:
         changes["whatsapp_from"] = normalize_phone(whatsapp_from, field="from")
     if add_senders or remove_senders:
@@ -217,15 +227,117 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-async def create_token(conn: queries.Conn, tenant_id: str) -> str:
-    """A new API token for the tenant. Only its hash is stored: show it once."""
+MAX_TOKEN_DAYS = 3650
+
+
+async def create_token(
+    conn: queries.Conn, tenant_id: str, *, expires_in_days: int | None = None
+) -> str:
+    """A new API token for the tenant, valid for `expires_in_days` (None: until revoked).
+    Only its hash is stored: show it once."""
+    if expires_in_days is not None and (
+        isinstance(expires_in_days, bool) or not 1 <= expires_in_days <= MAX_TOKEN_DAYS
+    ):
+        raise ValidationError(
+            f"expires in days must be a whole number from 1 to {MAX_TOKEN_DAYS}",
+            field="expires_in_days",
+        )
     await get_tenant(conn, tenant_id)
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     await conn.execute(
-        "INSERT INTO pgqueue.api_tokens (tenant_id, token_hash, prefix) VALUES (%s, %s, %s)",
-        (tenant_id, hash_token(token), token[:12]),
+        "INSERT INTO pgqueue.api_tokens (tenant_id, token_hash, prefix, expires_at) "
+        "VALUES (%s, %s, %s, now() + make_interval(days => %s))",
+        (tenant_id, hash_token(token), token[:12], expires_in_days),
     )
     return token
+
+
+# What `token list` shows: never the hash.
+_API_TOKENS_PUBLIC = (
+    "id, prefix, tenant_id, created_at, expires_at, last_used_at, revoked_at, "
+    "CASE WHEN revoked_at IS NOT NULL THEN 'revoked' "
+    "WHEN expires_at <= now() THEN 'expired' ELSE 'active' END AS state"
+)
+
+
+async def list_tokens(conn: queries.Conn, tenant_id: str | None = None) -> list[dict[str, Any]]:
+    cur = await conn.execute(
+        f"SELECT {_API_TOKENS_PUBLIC} FROM pgqueue.api_tokens "
+        "WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s ORDER BY tenant_id, id",
+        {"tenant": tenant_id},
+    )
+    return await cur.fetchall()
+
+
+async def revoke_token(conn: queries.Conn, ref: str) -> dict[str, Any]:
+    """Revoke one token, named by its id, its prefix (as `token list` shows them) or the
+    token itself. Revoking a revoked token changes nothing and says when it was. API
+    processes stop taking it within their token cache's time (api.LOCAL_TOKEN_TTL_S;
+    api.TOKEN_TTL_S through Redis)."""
+    ref = ref.strip()
+    if ref.isascii() and ref.isdigit() and len(ref) <= 18:
+        where, param = "id = %(ref)s::bigint", ref
+    elif ref.startswith(TOKEN_PREFIX) and len(ref) > 12:
+        where, param = "token_hash = %(ref)s", hash_token(ref)
+    elif ref.startswith(TOKEN_PREFIX) and len(ref) == 12:
+        where, param = "prefix = %(ref)s", ref
+    else:
+        raise ValidationError(
+            f"{ref[:20]!r} is not a token id, a token prefix (pgq_ and 8 characters, "
+            "as `pgqueue token list` shows) or a token",
+            field="token",
+        )
+    found = await (
+        await conn.execute(
+            f"SELECT {_API_TOKENS_PUBLIC} FROM pgqueue.api_tokens WHERE {where} ORDER BY id",
+            {"ref": param},
+        )
+    ).fetchall()
+    if not found:
+        raise NotFoundError(f"no API token {ref[:20]!r}")
+    if len(found) > 1:
+        ids = ", ".join(str(r["id"]) for r in found)
+        raise ValidationError(
+            f"prefix {ref!r} names {len(found)} tokens (ids {ids}); revoke one by its id",
+            code="ambiguous_token",
+            field="token",
+        )
+    cur = await conn.execute(
+        f"UPDATE pgqueue.api_tokens SET revoked_at = coalesce(revoked_at, now()) "
+        f"WHERE id = %s RETURNING {_API_TOKENS_PUBLIC}",
+        (found[0]["id"],),
+    )
+    row = await cur.fetchone()
+    if row is None:  # deleted with its tenant meanwhile
+        raise NotFoundError(f"no API token {ref[:20]!r}")
+    return row
+
+
+@dataclass(frozen=True)
+class Rotated:
+    tenants: int
+    were_plain: int
+
+
+async def rotate_key(conn: queries.Conn, keyring: Keyring) -> Rotated:
+    """Every tenant's auth token encrypted again with the keyring's first key (plain ones
+    for the first time), in one transaction that locks the tenants' rows, so a token
+    changed meanwhile is not overwritten. Raises CredentialError, changing nothing, when
+    a token is encrypted with a key the keyring lacks."""
+    from pgqueue.credentials import is_sealed
+
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT id, auth_token FROM pgqueue.tenants ORDER BY id FOR NO KEY UPDATE"
+        )
+        rows = await cur.fetchall()
+        fresh = [(keyring.reseal(r["auth_token"]), r["id"]) for r in rows]
+        async with conn.cursor() as update:
+            await update.executemany(
+                "UPDATE pgqueue.tenants SET auth_token = %s, updated_at = now() WHERE id = %s",
+                fresh,
+            )
+    return Rotated(tenants=len(rows), were_plain=sum(not is_sealed(r["auth_token"]) for r in rows))
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,13 @@ Contract, for every route:
   every route to its own tenant, so another tenant's job is simply not found; the admin
   token (PGQUEUE_ADMIN_TOKEN) sees every tenant but cannot send.
 * A checked token is trusted by this process for 5 s, so a revoked token stops working
-  within 5 s. Redis (REDIS_URL) is only a cache: token -> tenant for 60 s (keyed by the
-  token's sha256, never the token) and the metrics answer for 1 s. When Redis is down the
-  database answers, and a dead Redis is left alone for a few seconds instead of being
-  asked on every request.
+  within 5 s; no cache trusts a token past its expiry. Redis (REDIS_URL) is only a
+  cache: token -> tenant for 60 s (keyed by the token's sha256, never the token) and the
+  metrics answer for 1 s. When Redis is down the database answers, and a dead Redis is
+  left alone for a few seconds instead of being asked on every request.
+* A client address that fails authentication PGQUEUE_AUTH_FAILURES_PER_MINUTE times in
+  a minute gets 429 for the rest of that minute, whatever token it sends then, so a
+  token cannot be guessed faster than that (per API process).
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pgqueue import admin, dashboard, jobs, queries
 from pgqueue.config import Settings
+from pgqueue.credentials import CredentialError, Keyring
 from pgqueue.enqueue import (
     BatchValidationError,
     enqueue_whatsapp_send,
@@ -55,12 +60,14 @@ from pgqueue.errors import (
     NotFoundError,
     PermanentSendError,
     PgQueueError,
+    RequestTimeoutError,
     TenantSendError,
     TransientSendError,
     ValidationError,
 )
 from pgqueue.metrics import queue_metrics
 from pgqueue.models import Enqueued, Job, Message, conversation_id
+from pgqueue.server import BodyDeadline, uvicorn_options
 from pgqueue.statuses import apply_status
 
 log = logging.getLogger("pgqueue.api")
@@ -75,6 +82,10 @@ TOKEN_TTL_S = 60
 # within TOKEN_TTL_S when Redis is configured).
 LOCAL_TOKEN_TTL_S = 5.0
 LOCAL_TOKENS_MAX = 10_000
+AUTH_FAILURE_WINDOW_S = 60.0
+# Client addresses whose failures are remembered; past this the oldest are forgotten, so
+# a flood from many addresses costs bounded memory (and lets those addresses guess again).
+AUTH_FAILURE_CLIENTS_MAX = 100_000
 METRICS_TTL_S = 1.0
 RETRY_AFTER_S = 5
 # After a database failure: how long to remember it, and the wait for a connection then.
@@ -166,6 +177,9 @@ def error_response(exc: BaseException) -> JSONResponse:
         )
     if isinstance(exc, DatabaseUnavailableError):
         return _unavailable(exc.message)
+    if isinstance(exc, RequestTimeoutError):
+        # The rest of the body is not waited for, so the connection cannot be reused.
+        return _error(408, exc.code, exc.message, headers={"Connection": "close"})
     if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.InvalidSchemaName):
         log.error("the database is not migrated: %s", exc)
         return _error(
@@ -483,6 +497,62 @@ def job_json(row: Mapping[str, Any]) -> dict[str, Any]:
 # -- the application -------------------------------------------------------------------
 
 
+class AuthFailures:
+    """Failed authentications per client address, counted over a minute from the first
+    one. Kept in this process's memory: the limit holds per API process, and a restart
+    forgets it."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def retry_after(self, client: str, now: float) -> float | None:
+        """Seconds until `client` may authenticate again; None when it may now."""
+        entry = self._seen.get(client)
+        if entry is None:
+            return None
+        start, failures = entry
+        if now - start >= AUTH_FAILURE_WINDOW_S:
+            del self._seen[client]
+            return None
+        return start + AUTH_FAILURE_WINDOW_S - now if failures >= self.per_minute else None
+
+    def failed(self, client: str, now: float) -> None:
+        entry = self._seen.get(client)
+        if entry is None or now - entry[0] >= AUTH_FAILURE_WINDOW_S:
+            self._seen.pop(client, None)
+            if len(self._seen) >= AUTH_FAILURE_CLIENTS_MAX:
+                self._forget(now)
+            self._seen[client] = (now, 1)
+        else:
+            self._seen[client] = (entry[0], entry[1] + 1)
+
+    def _forget(self, now: float) -> None:
+        # Windows start in insertion order, so the oldest are first.
+        stale = [c for c, (start, _) in self._seen.items() if now - start >= AUTH_FAILURE_WINDOW_S]
+        if len(stale) < AUTH_FAILURE_CLIENTS_MAX // 4:
+            stale += list(self._seen)[: AUTH_FAILURE_CLIENTS_MAX // 4]
+        for client in stale:
+            self._seen.pop(client, None)
+
+
+def _cached_token(value: str | None) -> tuple[str, float]:
+    """(tenant, seconds still valid) of a cached token; ("", 0) for a miss."""
+    tenant, _, until = (value or "").partition(" ")
+    if not until:
+        return tenant, math.inf
+    try:
+        return tenant, float(until) - time.time()
+    except ValueError:
+        return "", 0.0
+
+
+def _client_address(request: Request) -> str:
+    # uvicorn has already replaced it with X-Forwarded-For's for a trusted proxy
+    # (FORWARDED_ALLOW_IPS, 127.0.0.1 by default).
+    return request.client.host if request.client is not None else "unknown"
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who is asking: a tenant, or the admin (`tenant_id` None)."""
@@ -514,6 +584,8 @@ class Api:
         self.db_timeout_s = db_timeout_s
         self.request_timeout_s = max(10.0, 2 * db_timeout_s + settings.send_timeout_s + 5.0)
         self.cache = cache or Cache(settings.redis_url)
+        self.keyring = Keyring(settings.secret_keys)
+        self.auth_failures = AuthFailures(settings.auth_failures_per_minute)
         self._admin_digest = (
             hashlib.sha256(settings.admin_token.encode()).hexdigest()
             if settings.admin_token
@@ -586,16 +658,33 @@ class Api:
 
     def _scraper(self, request: Request) -> None:
         """With PGQUEUE_METRICS_TOKEN set, /metrics answers only that token or the admin's."""
+        self._not_throttled(request)
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         digest = hashlib.sha256(token.strip().encode("utf-8", "replace")).hexdigest()
         allowed = [d for d in (self._metrics_digest, self._admin_digest) if d is not None]
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(digest, d) for d in allowed):
-            raise HttpError(
-                401,
+            raise self._refused(
+                request,
                 "invalid_token",
                 "/metrics needs Authorization: Bearer <PGQUEUE_METRICS_TOKEN>",
-                headers={"WWW-Authenticate": "Bearer"},
             )
+
+    def _not_throttled(self, request: Request) -> None:
+        """429 for a client over its failed authentications, before its token is looked
+        at: a right guess made while throttled must not be told apart from a wrong one."""
+        wait = self.auth_failures.retry_after(_client_address(request), time.monotonic())
+        if wait is not None:
+            raise HttpError(
+                429,
+                "too_many_auth_failures",
+                f"too many failed authentications from this address; retry in {math.ceil(wait)} s",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+    def _refused(self, request: Request, code: str, message: str) -> HttpError:
+        """A 401 for a token that does not authenticate, counted against its client."""
+        self.auth_failures.failed(_client_address(request), time.monotonic())
+        return HttpError(401, code, message, headers={"WWW-Authenticate": "Bearer"})
 
     async def caller(self, request: Request) -> Caller:
         header = request.headers.get("authorization")
@@ -606,14 +695,12 @@ class Api:
                 "send Authorization: Bearer <token>",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        self._not_throttled(request)
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise HttpError(
-                401,
-                "invalid_token",
-                "the Authorization header must be: Bearer <token>",
-                headers={"WWW-Authenticate": "Bearer"},
+            raise self._refused(
+                request, "invalid_token", "the Authorization header must be: Bearer <token>"
             )
         digest = hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
         if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
@@ -623,26 +710,32 @@ class Api:
         if known is not None and known[1] > now:
             return Caller(known[0])
         key = f"pgqueue:token:{digest}"
-        tenant = await self.cache.get(key)
-        if tenant is None:
-            tenant = await self._tenant_for_token(digest) if _token_shape(token) else None
-            if tenant is None:
-                raise HttpError(
-                    401,
-                    "invalid_token",
-                    "the token is unknown or revoked",
-                    headers={"WWW-Authenticate": "Bearer"},
+        cached = await self.cache.get(key)
+        # Cached as "tenant" or "tenant <epoch s it expires>" (a tenant id has no space).
+        tenant, valid_s = _cached_token(cached)
+        if not tenant or valid_s <= 0:
+            found = await self._tenant_for_token(digest) if _token_shape(token) else None
+            if found is None:
+                raise self._refused(
+                    request, "invalid_token", "the token is unknown, expired or revoked"
                 )
-            await self.cache.set(key, tenant, ttl_s=TOKEN_TTL_S)
+            tenant, valid_s = found
+            value = tenant if math.isinf(valid_s) else f"{tenant} {time.time() + valid_s:.3f}"
+            await self.cache.set(key, value, ttl_s=min(TOKEN_TTL_S, valid_s))
         if len(self._tokens) >= LOCAL_TOKENS_MAX:
             self._tokens.clear()
-        self._tokens[digest] = (tenant, now + self.local_token_ttl_s)
+        self._tokens[digest] = (tenant, now + min(self.local_token_ttl_s, valid_s))
         return Caller(tenant)
 
-    async def _tenant_for_token(self, digest: str) -> str | None:
+    async def _tenant_for_token(self, digest: str) -> tuple[str, float] | None:
+        """The token's tenant and for how many seconds it is still valid (inf: until
+        revoked); None for an unknown, expired or revoked token."""
         async with self.db() as conn:
             row = await queries.fetch_one(conn, "api_tenant_for_token", {"token_hash": digest})
-        return None if row is None else str(row["tenant_id"])
+        if row is None:
+            return None
+        valid_s = math.inf if row["valid_s"] is None else float(row["valid_s"])
+        return str(row["tenant_id"]), valid_s
 
     async def tenant_caller(self, request: Request) -> str:
         caller = await self.caller(request)
@@ -952,7 +1045,7 @@ class Api:
                     conn, "api_tenants_by_account", {"account_sid": account}
                 )
         tenant_id = next(
-            (c["id"] for c in candidates if _signed(c["auth_token"], url, form, signature)), None
+            (c["id"] for c in candidates if self._signed_by(c, url, form, signature)), None
         )
         if tenant_id is None:
             raise forbidden
@@ -977,6 +1070,17 @@ class Api:
         # `held`: no message carries this SID yet (its send's completion has not
         # committed); maintenance applies the status once it has.
         return JSONResponse({"status": "ok", "updated": update.updated, "held": update.held})
+
+    def _signed_by(self, tenant: Mapping[str, Any], url: str, form: _Form, signature: str) -> bool:
+        """Whether `tenant`'s auth token (the HMAC key) signed the callback. A token this
+        process cannot decrypt signs nothing: Twilio's retries get 403 until the keys
+        are fixed."""
+        try:
+            auth_token = self.keyring.open(tenant["auth_token"])
+        except CredentialError as exc:
+            log.error("status callback for tenant %s not checked: %s", tenant["id"], exc.message)
+            return False
+        return _signed(auth_token, url, form, signature)
 
     @staticmethod
     def _callback_url(request: Request, public_base_url: str) -> str:
@@ -1256,6 +1360,9 @@ def create_app(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: http_error},
+        # A body that trickles in is answered 408 by the route (error_response), instead
+        # of holding its request until the route's own timeout calls it a database 503.
+        middleware=[Middleware(BodyDeadline, timeout_s=settings.http_body_timeout_s)],
     )
     app.state.api = api
     return app
@@ -1284,6 +1391,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> int:
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=10,
+        # Head size and time, keep-alive and connection limits (pgqueue/server.py).
+        **uvicorn_options(settings),
     )
     server = _uvicorn_server_class()(config)
     try:
@@ -1359,10 +1468,21 @@ def _json_ok(description: str, ref: str, headers: dict[str, Any] | None = None) 
 
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
 _E400 = _err("Malformed request: the body is not JSON", "invalid_json, invalid_content_length")
-_E401 = _err("Missing, malformed, unknown or revoked token", "missing_token, invalid_token")
+_E401 = _err(
+    "Missing, malformed, unknown, expired or revoked token", "missing_token, invalid_token"
+)
 _E403 = _err("The token may not do this", "tenant_token_required, forbidden")
 _E404 = _err("Not found (another tenant's job is not found either)", "not_found")
 _E413 = _err("The body is larger than allowed", "body_too_large")
+_E408 = _err("The body did not arrive within PGQUEUE_HTTP_BODY_TIMEOUT", "request_timeout")
+_E429 = {
+    **_err(
+        "Too many failed authentications from this client address in the last minute; "
+        "retry after Retry-After seconds",
+        "too_many_auth_failures",
+    ),
+    "headers": _RETRY_AFTER,
+}
 _E415 = _err("The body is not JSON", "unsupported_media_type")
 _E503 = {
     **_err(
@@ -1461,6 +1581,19 @@ def _message_schema() -> dict[str, Any]:
 
 def openapi_spec() -> dict[str, Any]:
     """The API as OpenAPI 3.0: every route, request body and error answer."""
+    spec = _openapi_routes()
+    # Answers every route may give for the same reason: a route that takes a token may
+    # throttle its client, and one that reads a body may time out waiting for it.
+    for operation in (op for path in spec["paths"].values() for op in path.values()):
+        responses = operation["responses"]
+        if "401" in responses:
+            responses.setdefault("429", _E429)
+        if "413" in responses:
+            responses.setdefault("408", _E408)
+    return spec
+
+
+def _openapi_routes() -> dict[str, Any]:
     tenant_auth: list[dict[str, list[str]]] = [{"bearer": []}]
     job_id = {
         "name": "job_id",

@@ -15,6 +15,7 @@ import psycopg
 
 from pgqueue import admin
 from pgqueue.config import Settings
+from pgqueue.credentials import Keyring
 from pgqueue.db import connect, resolve_database_url
 from pgqueue.errors import PgQueueError, first_line
 
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = tenant.add_parser("add", help="add a tenant with its Twilio credentials")
     add.add_argument("id")
     add.add_argument("--account-sid", required=True)
-    add.add_argument("--auth-token", required=True)
+    _auth_token_options(add, prompt=True)
     add.add_argument("--from", dest="whatsapp_from", required=True, help="WhatsApp sender, E.164")
     add.add_argument(
         "--sender",
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     tset.add_argument("id")
     tset.add_argument("--name")
     tset.add_argument("--account-sid")
-    tset.add_argument("--auth-token")
+    _auth_token_options(tset, prompt=False)
     tset.add_argument("--from", dest="whatsapp_from", help="the default WhatsApp sender")
     tset.add_argument("--add-sender", action="append", default=[], help="(repeatable)")
     tset.add_argument("--remove-sender", action="append", default=[], help="(repeatable)")
@@ -116,12 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     state = tset.add_mutually_exclusive_group()
     state.add_argument("--pause", action="store_true")
     state.add_argument("--resume", action="store_true")
+    tenant.add_parser(
+        "rotate-key",
+        help="encrypt every tenant's auth token again with the first of PGQUEUE_SECRET_KEYS",
+    )
 
     token = sub.add_parser("token", help="API tokens").add_subparsers(
         dest="action", required=True, parser_class=_Parser
     )
     tc = token.add_parser("create", help="create a token for a tenant (shown once)")
     tc.add_argument("tenant")
+    tc.add_argument(
+        "--expires-in-days", type=int, help="the token stops working after N days (default: never)"
+    )
+    tl = token.add_parser("list", help="list tokens: prefix, tenant, created, expires, last used")
+    tl.add_argument("--tenant")
+    tl.add_argument("--json", action="store_true")
+    tr = token.add_parser("revoke", help="revoke a token at once")
+    tr.add_argument("token", help="its id or prefix (as `token list` shows), or the token")
 
     queue = sub.add_parser("queue", help="queue limits").add_subparsers(
         dest="action", required=True, parser_class=_Parser
@@ -156,6 +169,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _auth_token_options(parser: argparse.ArgumentParser, *, prompt: bool) -> None:
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument(
+        "--auth-token",
+        help="the Twilio auth token (shows in ps and shell history: prefer --auth-token-file)",
+    )
+    asked = " (neither: asked for on a terminal)" if prompt else ""
+    given.add_argument(
+        "--auth-token-file",
+        metavar="PATH|-",
+        help=f"read the Twilio auth token from a file, or from standard input with -{asked}",
+    )
+
+
+def _read_auth_token(args: argparse.Namespace, settings: Settings, *, required: bool) -> str | None:
+    """The auth token from --auth-token, --auth-token-file or a prompt; warns on stderr
+    where it is exposed (command line) or will be stored in plain text (no key)."""
+    token: str | None
+    if args.auth_token is not None:
+        _warn("--auth-token shows in ps and in shell history; use --auth-token-file PATH|-")
+        token = args.auth_token
+    elif args.auth_token_file is not None:
+        path = args.auth_token_file
+        try:
+            if path == "-":
+                token = sys.stdin.readline()
+            else:
+                with open(path, encoding="utf-8") as f:
+                    token = f.read(4096)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PgQueueError(f"cannot read the auth token from {path}: {exc}") from None
+        token = token.strip()
+    elif required and sys.stdin.isatty():
+        import getpass
+
+        token = getpass.getpass("Twilio auth token: ").strip()
+    elif required:
+        raise PgQueueError(
+            "give the Twilio auth token with --auth-token-file PATH|- "
+            "(standard input is not a terminal to ask on)"
+        )
+    else:
+        return None
+    if not settings.secret_keys:
+        _warn(
+            "PGQUEUE_SECRET_KEYS is not set: the auth token is stored in plain text "
+            "(set it, then run `pgqueue tenant rotate-key`)"
+        )
+    return token
+
+
+def _warn(message: str) -> None:
+    print(f"pgqueue: warning: {message}", file=sys.stderr)
+
+
 def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -188,13 +256,29 @@ async def _with_conn(settings: Settings, fn: Callable[[Any], Awaitable[int]]) ->
 
 
 async def _tenant(args: argparse.Namespace, settings: Settings) -> int:
+    keyring = Keyring(settings.secret_keys)
+    if args.action == "rotate-key" and not keyring.encrypts:
+        raise PgQueueError("PGQUEUE_SECRET_KEYS is not set: rotate-key encrypts with its first key")
+    auth_token = (
+        _read_auth_token(args, settings, required=args.action == "add")
+        if args.action in ("add", "set")
+        else None
+    )
+
     async def run(conn: Any) -> int:
-        if args.action == "add":
+        if args.action == "rotate-key":
+            done = await admin.rotate_key(conn, keyring)
+            print(
+                f"auth tokens of {done.tenants} tenant(s) encrypted with the first key of "
+                f"PGQUEUE_SECRET_KEYS ({done.were_plain} were plain text)"
+            )
+        elif args.action == "add":
             row = await admin.add_tenant(
                 conn,
                 tenant_id=args.id,
                 account_sid=args.account_sid,
-                auth_token=args.auth_token,
+                auth_token=auth_token or "",
+                keyring=keyring,
                 whatsapp_from=args.whatsapp_from,
                 senders=args.sender,
                 name=args.name,
@@ -233,7 +317,8 @@ async def _tenant(args: argparse.Namespace, settings: Settings) -> int:
                 args.id,
                 name=args.name,
                 account_sid=args.account_sid,
-                auth_token=args.auth_token,
+                auth_token=auth_token,
+                keyring=keyring,
                 whatsapp_from=args.whatsapp_from,
                 add_senders=args.add_sender,
                 remove_senders=args.remove_sender,
@@ -256,12 +341,49 @@ async def _tenant(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _token(args: argparse.Namespace, settings: Settings) -> int:
     async def run(conn: Any) -> int:
-        token = await admin.create_token(conn, args.tenant)
-        print(f"API token for tenant {args.tenant} (shown once, stored hashed):")
-        print(token)
+        if args.action == "list":
+            rows = await admin.list_tokens(conn, args.tenant)
+            if args.json:
+                _json(rows)
+            else:
+                _print_table(
+                    rows,
+                    [
+                        "id",
+                        "prefix",
+                        "tenant_id",
+                        "state",
+                        "created_at",
+                        "expires_at",
+                        "last_used_at",
+                        "revoked_at",
+                    ],
+                    "API tokens",
+                )
+        elif args.action == "revoke":
+            row = await admin.revoke_token(conn, args.token)
+            print(
+                f"token {row['id']} ({row['prefix']}…) of tenant {row['tenant_id']} revoked "
+                f"at {row['revoked_at']:%Y-%m-%d %H:%M:%S %Z}; API processes refuse it within "
+                f"{api_cache_s(settings):g} s"
+            )
+        else:
+            token = await admin.create_token(
+                conn, args.tenant, expires_in_days=args.expires_in_days
+            )
+            until = f", expires in {args.expires_in_days} days" if args.expires_in_days else ""
+            print(f"API token for tenant {args.tenant} (shown once, stored hashed{until}):")
+            print(token)
         return 0
 
     return await _with_conn(settings, run)
+
+
+def api_cache_s(settings: Settings) -> float:
+    """How long an API process may go on taking a revoked token (its token caches)."""
+    from pgqueue.api import LOCAL_TOKEN_TTL_S, TOKEN_TTL_S
+
+    return float(TOKEN_TTL_S) if settings.redis_url else LOCAL_TOKEN_TTL_S
 
 
 async def _queue(args: argparse.Namespace, settings: Settings) -> int:

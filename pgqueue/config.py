@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -75,6 +75,26 @@ def _latency(env: Mapping[str, str], name: str) -> tuple[float, float]:
     return (lo / 1000.0, hi / 1000.0)
 
 
+def _secret_keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated Fernet keys (32 url-safe base64 bytes each); the first encrypts."""
+    import base64
+    import binascii
+
+    keys = tuple(k.strip() for k in env.get(name, "").split(",") if k.strip())
+    for i, key in enumerate(keys, start=1):
+        try:
+            ok = len(base64.urlsafe_b64decode(key.encode("ascii"))) == 32
+        except (UnicodeEncodeError, binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"{name}: key {i} is not a Fernet key (32 url-safe base64 bytes; make one "
+                "with `python -c 'from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())'`)"
+            )
+    return keys
+
+
 def redact_url(url: str) -> str:
     """Hide a password in a URL before it reaches a message."""
     parsed = urlparse(url)
@@ -109,6 +129,21 @@ class Settings:
     sandbox_latency_s: tuple[float, float] = (0.1, 0.3)
     sandbox_failure_rate: float = 0.0
     sandbox_invalid_numbers: frozenset[str] = frozenset()
+    # Fernet keys for the tenants' Twilio auth tokens at rest (pgqueue/credentials.py):
+    # the first encrypts, every one decrypts. Empty: new tokens are stored in plain text.
+    secret_keys: tuple[str, ...] = field(default=(), repr=False)
+    # The HTTP server (pgqueue/server.py): the request line and headers of one request
+    # must fit in http_max_header_bytes (else 431) and arrive within http_header_timeout_s
+    # of the connection opening or the previous response (else 408 and closed); a body
+    # must arrive within http_body_timeout_s of its headers (else 408).
+    http_max_header_bytes: int = 32 * 1024
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 15.0
+    http_keep_alive_s: int = 5
+    http_max_connections: int = 1000
+    # Failed authentications one client address may make per minute before every request
+    # of its gets 429 (kept in each API process's memory).
+    auth_failures_per_minute: int = 20
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -159,6 +194,25 @@ class Settings:
                 n.strip()
                 for n in env.get("PGQUEUE_SANDBOX_INVALID_NUMBERS", "").split(",")
                 if n.strip()
+            ),
+            secret_keys=_secret_keys(env, "PGQUEUE_SECRET_KEYS"),
+            http_max_header_bytes=_int(
+                env, "PGQUEUE_HTTP_MAX_HEADER_BYTES", 32 * 1024, minimum=1024, maximum=1024 * 1024
+            ),
+            http_header_timeout_s=float(
+                _int(env, "PGQUEUE_HTTP_HEADER_TIMEOUT", 10, minimum=1, maximum=600)
+            ),
+            http_body_timeout_s=float(
+                _int(env, "PGQUEUE_HTTP_BODY_TIMEOUT", 15, minimum=1, maximum=600)
+            ),
+            http_keep_alive_s=_int(
+                env, "PGQUEUE_HTTP_KEEP_ALIVE_TIMEOUT", 5, minimum=1, maximum=3600
+            ),
+            http_max_connections=_int(
+                env, "PGQUEUE_HTTP_MAX_CONNECTIONS", 1000, minimum=1, maximum=1_000_000
+            ),
+            auth_failures_per_minute=_int(
+                env, "PGQUEUE_AUTH_FAILURES_PER_MINUTE", 20, minimum=1, maximum=1_000_000
             ),
         )
 

@@ -45,6 +45,12 @@ class DatabaseUnavailableError(PgQueueError):
     code = "database_unavailable"
 
 
+class RequestTimeoutError(PgQueueError):
+    """The client did not send its whole request in time (the API answers 408)."""
+
+    code = "request_timeout"
+
+
 class SendError(PgQueueError):
     """A provider refused or failed a send. `provider_code` is the provider's own code."""
 

@@ -144,6 +144,8 @@ api_tokens = Table(
     Column("created_at", TZ, nullable=False, server_default=NOW),
     Column("last_used_at", TZ),
     Column("revoked_at", TZ),
+    # NULL: valid until revoked (migration 0010).
+    Column("expires_at", TZ),
 )
 
 # One row per conversation with unfinished jobs. Enqueue and promotion both update this

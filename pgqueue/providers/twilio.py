@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextvars
+import dataclasses
 import email.utils
 import json
 import logging
@@ -36,6 +37,7 @@ from twilio.rest import Client
 from twilio.rest.api.v2010.account import message as _preload_messages  # noqa: F401
 
 from pgqueue.config import Settings
+from pgqueue.credentials import Keyring, open_for_send
 from pgqueue.errors import PermanentSendError, SendError, TenantSendError, TransientSendError
 from pgqueue.models import Job, SendResult
 from pgqueue.providers import note_on_wire, wait_for_slot
@@ -306,6 +308,7 @@ class TwilioProvider:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._keyring = Keyring(settings.secret_keys)
         self._transport: _Transport | None = None
         self._clients: dict[tuple[str, str], Client] = {}
 
@@ -376,6 +379,9 @@ class TwilioProvider:
         return str(message.sid), str(message.status or "queued")
 
     async def _deliver(self, out: _Outgoing) -> SendResult:
+        # The token arrives as stored (encrypted) and is decrypted only for this send; a
+        # token this process cannot decrypt pauses the tenant (TenantSendError).
+        out = dataclasses.replace(out, auth_token=open_for_send(self._keyring, out.auth_token))
         if out.content_sid is not None:
             sid, status = await self._create(
                 out, body=None, content_sid=out.content_sid, content_variables=out.content_variables
