@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+
 from pgqueue import queries
 from pgqueue.credentials import Keyring
 from pgqueue.enqueue import normalize_phone
-from pgqueue.errors import NotFoundError, ValidationError
+from pgqueue.errors import NotFoundError, PgQueueError, ValidationError, first_line
 
 _TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
@@ -405,3 +407,19 @@ async def set_queue(
         )
         await conn.execute("SELECT pg_notify('pgqueue_' || %s, '')", (queue,))
     return await get_queue(conn, queue)
+
+
+ROLES = ("pgqueue_api", "pgqueue_worker", "pgqueue_inspector")
+
+
+async def apply_roles(conn: queries.Conn, *, create: bool) -> list[dict[str, Any]]:
+    """Each group role with its state (created, granted or missing) and its members."""
+    try:
+        rows = await queries.fetch_all(conn, "apply_roles", {"create": create})
+    except psycopg.errors.InsufficientPrivilege as e:
+        raise PgQueueError(
+            f"{first_line(e)} (run `pgqueue roles` as the schema's owner; creating the "
+            "roles needs CREATEROLE too, or --no-create to grant to the roles that exist)"
+        ) from None
+    members = {r["role"]: r["members"] for r in await queries.fetch_all(conn, "role_members", {})}
+    return [{**r, "members": members.get(r["role"], [])} for r in rows]

@@ -158,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the link may also retry dead letters (without it, it only reads)",
     )
 
+    roles = sub.add_parser(
+        "roles",
+        help="create the database roles pgqueue_api, pgqueue_worker, pgqueue_inspector "
+        "and grant them least privilege on this database",
+    )
+    roles.add_argument(
+        "--no-create",
+        action="store_true",
+        help="only grant to the roles that exist (no CREATEROLE needed)",
+    )
+    roles.add_argument("--json", action="store_true")
+
     emb = sub.add_parser("embedded", help="the embedded PostgreSQL").add_subparsers(
         dest="action", required=True, parser_class=_Parser
     )
@@ -413,6 +425,23 @@ async def _queue(args: argparse.Namespace, settings: Settings) -> int:
     return await _with_conn(settings, run)
 
 
+async def _roles(args: argparse.Namespace, settings: Settings) -> int:
+    async def run(conn: Any) -> int:
+        rows = await admin.apply_roles(conn, create=not args.no_create)
+        if args.json:
+            _json(rows)
+            return 0
+        for r in rows:
+            members = ", ".join(r["members"]) or "no members yet"
+            print(f"{r['role']}: {r['state']} ({members})")
+        if any(r["state"] == "missing" for r in rows):
+            print("missing roles: run `pgqueue roles` as a user with CREATEROLE")
+        print("make a login role a member with: GRANT pgqueue_worker TO <login>;")
+        return 0
+
+    return await _with_conn(settings, run)
+
+
 def _migrate(settings: Settings) -> int:
     from pgqueue import migrate
 
@@ -436,6 +465,8 @@ def run(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
         return asyncio.run(_token(args, settings))
     if cmd == "queue":
         return asyncio.run(_queue(args, settings))
+    if cmd == "roles":
+        return asyncio.run(_roles(args, settings))
     if cmd == "dashboard-url":
         from pgqueue.dashboard import dashboard_url, ttl_hours
 

@@ -98,6 +98,13 @@ def _text(value: object, name: str, *, max_len: int) -> str:
         raise ValidationError(f"{name} must be a non-empty string", field=name)
     if len(value) > max_len:
         raise ValidationError(f"{name} must be at most {max_len} characters", field=name)
+    return _no_nul(value, name)
+
+
+def _no_nul(value: str, name: str, code: str = "invalid_request") -> str:
+    # PostgreSQL's text and jsonb cannot hold U+0000: it would fail the insert instead.
+    if "\x00" in value:
+        raise ValidationError(f"{name} must not contain NUL (U+0000)", code=code, field=name)
     return value
 
 
@@ -127,7 +134,7 @@ def validate(message: Message, *, now: datetime | None = None) -> _Row:
                 code="text_too_long",
                 field="text",
             )
-        body = message.text
+        body = _no_nul(message.text, "text", "invalid_text")
         if message.content_variables is not None:
             raise ValidationError(
                 "contentVariables only go with contentSid",
@@ -218,7 +225,10 @@ def _variables(value: object) -> dict[str, Any] | None:
             code="invalid_content_variables",
             field="contentVariables",
         )
-    return {k: str(v) for k, v in value.items()}
+    out = {k: str(v) for k, v in value.items()}
+    for k, v in out.items():
+        _no_nul(k + v, "contentVariables", "invalid_content_variables")
+    return out
 
 
 def _send_at(value: object, now: datetime) -> datetime | None:

@@ -25,12 +25,15 @@ job_log = logging.getLogger("pgqueue.jobs")
 TEXT_FIELDS = ("preview",)
 _previews = False
 
-# Every C0 and C1 control (CR, LF and ESC among them), DEL, and the Unicode line and
-# paragraph separators: what a terminal acts on or a log viewer breaks a line at.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Every C0 and C1 control (CR, LF and ESC among them), DEL, the Unicode line and
+# paragraph separators, and the bidirectional marks, embeddings, overrides and isolates:
+# what a terminal acts on, a log viewer breaks a line at, or what shows a line's text in
+# another order than it is read ("Trojan Source").
+_UNSAFE = "\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[{_UNSAFE}]")
 # A plain field's value is quoted when it holds any of these too, so that a value cannot
 # end its own field and forge another one (`error="x tenant=other"`).
-_NEEDS_QUOTES = re.compile('[\x00-\x20"=\\\\\x7f-\x9f\u2028\u2029]')
+_NEEDS_QUOTES = re.compile(f'[{_UNSAFE} "=\\\\]')
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

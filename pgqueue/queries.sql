@@ -1113,3 +1113,21 @@ SELECT global_concurrency, tenant_concurrency, rate_per_second,
        extract(epoch FROM rate_tat - clock_timestamp())::float8 AS rate_wait,
        (SELECT count(*) FROM pgqueue.workers w WHERE w.queue = %(queue)s) AS workers
 FROM pgqueue.queues WHERE name = %(queue)s;
+
+
+-- name: apply_roles
+-- `pgqueue roles`: the group roles' grants on this database (migration 0011), creating
+-- the missing roles when asked (the caller needs CREATEROLE for that).
+SELECT role, state FROM pgqueue.apply_roles(%(create)s);
+
+
+-- name: role_members
+-- The login roles that are members of each group role, for `pgqueue roles`.
+SELECT g.rolname AS role,
+       coalesce(array_agg(m.rolname ORDER BY m.rolname) FILTER (WHERE m.rolname IS NOT NULL),
+                '{}') AS members
+FROM pg_roles g
+LEFT JOIN pg_auth_members am ON am.roleid = g.oid
+LEFT JOIN pg_roles m ON m.oid = am.member
+WHERE g.rolname IN ('pgqueue_api', 'pgqueue_worker', 'pgqueue_inspector')
+GROUP BY g.rolname;

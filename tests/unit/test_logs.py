@@ -116,9 +116,12 @@ async def test_job_lines_written_without_records_read_as_the_records_would() -> 
 HOSTILE = (
     'Hola\r\n2026-01-01 00:00:00,000 INFO pgqueue.jobs: job 1 completed tenant="tb" \\'
     "\x1b[31m red \x1b]0;title\x07 \x00\x08\x7f\x85\x9b\u2028next\u2029para\x0b\x0c\x1c"
+    " \u202eevil\u202c \u2066iso\u2069 \u200f"
 )
 # Every character a plain line must not carry raw.
-CONTROLS = {chr(c) for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)}
+CONTROLS = {
+    chr(c) for c in (*range(0x20), *range(0x7F, 0xA0), 0x200E, 0x200F, *range(0x2028, 0x202F))
+} | {chr(c) for c in range(0x2066, 0x206A)}
 
 
 def _write_job_lines(formatter: logging.Formatter, *, short_cut: bool) -> str:

@@ -72,6 +72,14 @@ def test_bad_phone_numbers(raw: str) -> None:
         ({"conversation_id": ""}, "invalid_request", "conversationId"),
         ({"message_type": "Marketing!"}, "invalid_message_type", "messageType"),
         ({"from_number": "12"}, "invalid_phone_number", "fromNumber"),
+        ({"text": "a\x00b"}, "invalid_text", "text"),
+        ({"conversation_id": "c\x00"}, "invalid_request", "conversationId"),
+        ({"idempotency_key": "\x00k"}, "invalid_request", "idempotencyKey"),
+        (
+            {"text": None, "content_sid": "HX" + "a" * 32, "content_variables": {"1": "\x00"}},
+            "invalid_content_variables",
+            "contentVariables",
+        ),
     ],
 )
 def test_each_bad_field_has_its_error(fields: dict[str, Any], code: str, field: str) -> None:
