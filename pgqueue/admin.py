@@ -421,5 +421,6 @@ async def apply_roles(conn: queries.Conn, *, create: bool) -> list[dict[str, Any
             f"{first_line(e)} (run `pgqueue roles` as the schema's owner; creating the "
             "roles needs CREATEROLE too, or --no-create to grant to the roles that exist)"
         ) from None
-    members = {r["role"]: r["members"] for r in await queries.fetch_all(conn, "role_members", {})}
+    found = await queries.fetch_all(conn, "role_members", {"roles": [r["role"] for r in rows]})
+    members = {r["role"]: r["members"] for r in found}
     return [{**r, "members": members.get(r["role"], [])} for r in rows]

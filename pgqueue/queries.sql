@@ -1129,5 +1129,5 @@ SELECT g.rolname AS role,
 FROM pg_roles g
 LEFT JOIN pg_auth_members am ON am.roleid = g.oid
 LEFT JOIN pg_roles m ON m.oid = am.member
-WHERE g.rolname IN ('pgqueue_api', 'pgqueue_worker', 'pgqueue_inspector')
+WHERE g.rolname = ANY(%(roles)s)
 GROUP BY g.rolname;

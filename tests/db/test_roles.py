@@ -33,6 +33,10 @@ OTHER_ACCOUNT = "AC" + "1" * 32
 VIEWS = ("jobs_overview", "tenant_active", "tenant_in_flight", "tenant_finished")
 
 
+def login_of(group: str) -> str:
+    return f"{group}_login_{os.getpid()}"
+
+
 @contextlib.asynccontextmanager
 async def logins(db_url: str, conn: Any) -> AsyncIterator[dict[str, str]]:
     """A login member of each group role (names of this process: roles are cluster-wide),
@@ -51,7 +55,7 @@ async def logins(db_url: str, conn: Any) -> AsyncIterator[dict[str, str]]:
     assert code == 0
     users = {}
     for group in admin.ROLES:
-        user = f"{group}_login_{os.getpid()}"
+        user = login_of(group)
         await conn.execute(f'DROP ROLE IF EXISTS "{user}"')
         await conn.execute(f'CREATE ROLE "{user}" LOGIN IN ROLE {group}')
         users[group.removeprefix("pgqueue_")] = psycopg.conninfo.make_conninfo(db_url, user=user)
@@ -59,7 +63,7 @@ async def logins(db_url: str, conn: Any) -> AsyncIterator[dict[str, str]]:
         yield users
     finally:
         for group in admin.ROLES:
-            await conn.execute(f'DROP ROLE IF EXISTS "{group}_login_{os.getpid()}"')
+            await conn.execute(f'DROP ROLE IF EXISTS "{login_of(group)}"')
             if group not in before:
                 # Only this database holds grants to a role made here; another test's
                 # database migrated meanwhile may too, and then the role stays.
@@ -86,7 +90,7 @@ async def test_roles_command_reports_and_is_idempotent(
         assert await asyncio.to_thread(cli.run, ["roles", "--no-create"], env) == 0
         out = capsys.readouterr().out
         for group in admin.ROLES:
-            assert f"{group}: granted ({group}_login_{os.getpid()})" in out
+            assert f"{group}: granted ({login_of(group)})" in out
         # Anyone but the owner gets one line naming who may, not a silent no-op.
         env = {"DATABASE_URL": as_url(users["worker"]), "PGQUEUE_HOME": "/nonexistent"}
         with pytest.raises(PgQueueError, match="only the owner of schema pgqueue"):
