@@ -74,6 +74,12 @@ class DispatcherConfig:
     # How far ahead of its start a rate slot may be handed out (see claim_jobs). Short,
     # because a job waiting for its slot holds a concurrency slot meanwhile.
     lookahead_s: float = 0.05
+    # While claims come back short because rates bind, a turn runs at most this often:
+    # a turn costs the server about 1.2 ms whatever it claims, and one for every send
+    # that finished claimed one job a turn (bench/senders.py: 450 turns/s for 300 sends/s
+    # with 45 paced senders). A finished send waits at most this long for its lock to be
+    # dropped; slots are handed out `lookahead_s` ahead, so none is lost meanwhile.
+    paced_turn_gap_s: float = 0.02
     poll_interval_s: float = 1.0
     send_timeout_s: float = 30.0
     backoff_ms: int = 2000
@@ -371,10 +377,16 @@ class Dispatcher:
                         # slot rather than the slot for the claim (a late start would
                         # cost the slot, G4).
                         rate_wait -= self.config.lookahead_s / 2
-                    for hint in (rate_wait, result.due_wait, self._tenant_wait()):
+                    tenant_wait = self._tenant_wait()
+                    for hint in (rate_wait, result.due_wait, tenant_wait):
                         if hint is not None and hint > 0:
                             wait = min(wait, hint)
                     wait = max(wait, 0.001)
+                    paced = tenant_wait is not None or (rate_wait is not None and rate_wait > 0)
+                    if paced and self.config.paced_turn_gap_s > 0:
+                        # Finished sends and wake-ups gather meanwhile for the next turn.
+                        await asyncio.sleep(self.config.paced_turn_gap_s)
+                        wait = max(wait - self.config.paced_turn_gap_s, 0.0)
             # One event and a timer: this wait runs once per turn.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -498,7 +510,8 @@ class Dispatcher:
             except SlotMissed:
                 # Nothing went out: building the request took too long. Try again in a
                 # fresh slot rather than start late.
-                slot = await self._wait_for_slot(job, await self._reslot(job.tenant_id))
+                late = time.time() - slot
+                slot = await self._wait_for_slot(job, await self._reslot(job.tenant_id, late))
                 continue
             except asyncio.CancelledError:
                 raise
@@ -529,17 +542,19 @@ class Dispatcher:
                 continue  # a timer can fire early (run_loop): look at the clock again
             if time.time() < self._paused_until:
                 await asyncio.sleep(self._paused_until - time.time())
-                start_at = await self._reslot(tenant)
+                start_at = await self._reslot(tenant, missed=False)
                 continue
-            if late_ok or time.time() - start_at <= MAX_LATE_S:
+            late = time.time() - start_at
+            if late_ok or late <= MAX_LATE_S:
                 return start_at
-            start_at = await self._reslot(tenant)
+            start_at = await self._reslot(tenant, late)
 
-    async def _reslot(self, tenant: str, missed: bool = True) -> float:
+    async def _reslot(self, tenant: str, late: float = 0.0, missed: bool = True) -> float:
         """A new rate slot. Sends that miss their slots together (the process was starved
         of CPU) share one statement: the first asks, the others join its request.
         The slot is paced by the queue's rate and by the tenant's own, if it has one.
-        `missed=False`: a far slot taken again (FAR_SLOT_S), not a miss."""
+        `late`: how late the missed slot's send was. `missed=False`: a slot taken again
+        after a provider pause or because it was far (FAR_SLOT_S), not a miss."""
         if missed:
             self.stats.reslotted += 1
         waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -547,11 +562,14 @@ class Dispatcher:
         if len(self._reslot_waiters) == 1:
             self._reslot_task = asyncio.create_task(self._reslot_batch(), name="reslot")
         slot = await waiter
-        log.info(
-            "%s; new slot in %.0f ms",
-            "rate slot missed" if missed else "rate slot taken again after a provider pause",
-            (slot - time.time()) * 1000,
-        )
+        if missed:
+            log.info(
+                "rate slot missed by %.1f ms; new slot in %.0f ms",
+                late * 1000,
+                (slot - time.time()) * 1000,
+            )
+        else:
+            log.info("rate slot taken again; new slot in %.0f ms", (slot - time.time()) * 1000)
         return slot
 
     async def _reslot_batch(self) -> None:
