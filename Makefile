@@ -39,6 +39,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict pgqueue
+	$(BIN)/lint-imports
 
 bench: $(BIN)/.bench-installed
 	$(BIN)/python bench/enqueue.py

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from pgqueue import queries
-from pgqueue.credentials import Keyring
+from pgqueue.credentials import Keyring, is_sealed
 from pgqueue.enqueue import normalize_phone
 from pgqueue.errors import NotFoundError, PgQueueError, ValidationError, first_line
 
@@ -326,8 +327,6 @@ async def rotate_key(conn: queries.Conn, keyring: Keyring) -> Rotated:
     for the first time), in one transaction that locks the tenants' rows, so a token
     changed meanwhile is not overwritten. Raises CredentialError, changing nothing, when
     a token is encrypted with a key the keyring lacks."""
-    from pgqueue.credentials import is_sealed
-
     async with conn.transaction():
         cur = await conn.execute(
             "SELECT id, auth_token FROM pgqueue.tenants ORDER BY id FOR NO KEY UPDATE"
@@ -389,8 +388,6 @@ async def set_queue(
     if retention_days is not None:
         changes["retention_days"] = _positive_int(retention_days, "retention_days")
     if message_type_priorities is not None:
-        from psycopg.types.json import Jsonb
-
         for key, value in message_type_priorities.items():
             if not isinstance(value, int) or not -100 <= value <= 100:
                 raise ValidationError(

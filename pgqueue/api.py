@@ -29,14 +29,26 @@ import json
 import logging
 import math
 import re
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
 import psycopg
+import uvicorn
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -44,10 +56,12 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from twilio.request_validator import RequestValidator
 
-from pgqueue import admin, dashboard, jobs, queries
+from pgqueue import admin, dashboard, jobs, migrate, queries
 from pgqueue.config import Settings
 from pgqueue.credentials import CredentialError, Keyring
+from pgqueue.db import make_pool, resolve_database_url
 from pgqueue.enqueue import (
     BatchValidationError,
     enqueue_whatsapp_send,
@@ -65,8 +79,10 @@ from pgqueue.errors import (
     TransientSendError,
     ValidationError,
 )
+from pgqueue.logs import setup_logging
 from pgqueue.metrics import queue_metrics
-from pgqueue.models import Enqueued, Job, Message, conversation_id
+from pgqueue.models import Enqueued, Job, Message
+from pgqueue.providers.default import default_provider
 from pgqueue.server import BodyDeadline, uvicorn_options
 from pgqueue.statuses import apply_status
 
@@ -222,9 +238,9 @@ class Cache:
         if self.url is None or time.monotonic() < self._down_until:
             return None
         if self._client is None:
-            from redis.asyncio import Redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
+            from redis.asyncio import Redis  # noqa: PLC0415 (optional)
+            from redis.asyncio.retry import Retry  # noqa: PLC0415 (optional)
+            from redis.backoff import NoBackoff  # noqa: PLC0415 (optional)
 
             self._client = Redis.from_url(
                 self.url,
@@ -449,16 +465,10 @@ def _job_id(request: Request) -> int:
 
 def parse_older_than(text: str, *, now: datetime | None = None) -> datetime:
     """`7d`, `12h`, `30m`, `90s`, `2w` ago, or an ISO 8601 moment with a zone."""
-    from pgqueue.ops_cli import parse_older_than as parse
-
-    return parse(text, now=now, field="olderThan")
+    return jobs.parse_older_than(text, now=now, field="olderThan")
 
 
 # -- answers ---------------------------------------------------------------------------
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
 
 
 def _enqueued_json(result: Enqueued) -> dict[str, Any]:
@@ -466,31 +476,6 @@ def _enqueued_json(result: Enqueued) -> dict[str, Any]:
         "jobId": result.job_id,
         "queuePosition": {"state": result.state, "ahead": result.ahead},
         "duplicate": result.duplicate,
-    }
-
-
-def job_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A job as the API shows it (the CLI's --json too): never the message's full text."""
-    return {
-        "id": int(row["id"]),
-        "tenantId": row["tenant_id"],
-        "conversationId": conversation_id(row["tenant_id"], row["conversation"]),
-        "state": row["state"],
-        "attempts": int(row["attempts"]),
-        "maxAttempts": int(row["max_attempts"]),
-        "priority": int(row["priority"]),
-        "messageType": row["message_type"],
-        "phoneNumber": row["to_number"],
-        "channel": row["channel"],
-        "contentSid": row["content_sid"],
-        "lastErrorCode": row["last_error_code"],
-        "lastErrorMessage": row["last_error_message"],
-        "providerSid": row["provider_sid"],
-        "providerStatus": row["provider_status"],
-        "createdAt": _iso(row["created_at"]),
-        "runAt": _iso(row["run_at"]),
-        "startedAt": _iso(row["started_at"]),
-        "finishedAt": _iso(row["finished_at"]),
     }
 
 
@@ -576,8 +561,6 @@ class Api:
         cache: Cache | None = None,
         local_token_ttl_s: float = LOCAL_TOKEN_TTL_S,
     ) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-
         self.settings = settings
         self.pool = pool
         self.queue = settings.queue_name
@@ -883,8 +866,6 @@ class Api:
 
     async def _deliver_now(self, tenant: Mapping[str, Any], row: Any) -> dict[str, str]:
         if self._provider is None:
-            from pgqueue.worker import default_provider
-
             self._provider = default_provider(self.settings, self.pool)
         if self.settings.provider == "twilio":
             answer: dict[str, str] = await self._provider.direct_send(
@@ -955,7 +936,7 @@ class Api:
         job_id = _job_id(request)
         async with self.db() as conn:
             row = await jobs.get_job(conn, job_id, tenant_id=caller.tenant_id)
-        return JSONResponse(job_json(row))
+        return JSONResponse(jobs.job_json(row))
 
     async def cancel_job(self, request: Request) -> Response:
         caller = await self.caller(request)
@@ -969,7 +950,7 @@ class Api:
         job_id = _job_id(request)
         async with self.db() as conn:
             row = await jobs.retry_job(conn, job_id, queue=self.queue, tenant_id=caller.tenant_id)
-        return JSONResponse(job_json(row))
+        return JSONResponse(jobs.job_json(row))
 
     async def clean_jobs(self, request: Request) -> Response:
         caller = await self.caller(request)
@@ -1018,7 +999,6 @@ class Api:
                 415, "unsupported_media_type", "Twilio posts application/x-www-form-urlencoded"
             )
         raw = await _read_body(request, MAX_BODY)
-        from urllib.parse import parse_qsl
 
         try:
             pairs = parse_qsl(
@@ -1096,8 +1076,6 @@ class Api:
 
     def head_revision(self) -> str | None:
         if self._head is None:
-            from pgqueue import migrate
-
             self._head = migrate.head_revision()
         return self._head
 
@@ -1133,8 +1111,6 @@ class Api:
         return JSONResponse({"status": "ready", "database": "ok", "migration": current})
 
     async def prometheus(self, request: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         if self._metrics_digest is not None:
             self._scraper(request)
         async with self.db() as conn:
@@ -1163,8 +1139,6 @@ class _Form(dict[str, str]):
 
 
 def _signed(auth_token: str, url: str, form: _Form, signature: str) -> bool:
-    from twilio.request_validator import RequestValidator
-
     return bool(RequestValidator(auth_token).validate(url, form, signature))
 
 
@@ -1191,15 +1165,11 @@ class _SnapshotCollector:
 
     @classmethod
     def registry(cls, snapshot: dict[str, Any], queue: str) -> Any:
-        from prometheus_client import CollectorRegistry
-
         reg = CollectorRegistry(auto_describe=False)
         reg.register(cls(snapshot, queue))
         return reg
 
     def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
         q = self.queue
         counts = self.snapshot["counts"]
         depth = GaugeMetricFamily("pgqueue_jobs", "Live jobs by state", labels=["queue", "state"])
@@ -1370,10 +1340,6 @@ def create_app(
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> int:
     """Run the API in this process with uvicorn until SIGINT/SIGTERM."""
-    import uvicorn
-
-    from pgqueue.db import make_pool, resolve_database_url
-    from pgqueue.logs import setup_logging
 
     setup_logging(settings.log_format, preview=settings.log_preview)
     url = resolve_database_url(settings)
@@ -1403,10 +1369,6 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> int:
 
 
 def _uvicorn_server_class() -> Any:
-    import signal
-    import threading
-
-    import uvicorn
 
     class Server(uvicorn.Server):
         """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process
@@ -1429,8 +1391,6 @@ def _uvicorn_server_class() -> Any:
 
 
 def _warn_if_not_migrated(app: Starlette, url: str) -> None:
-    from pgqueue import migrate
-
     try:
         current = migrate.current_revision(url)
         head = app.state.api.head_revision()

@@ -5,22 +5,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
-import psycopg
+from rich.console import Console
+from rich.table import Table
 
-from pgqueue import admin
+from pgqueue import admin, api, demo, migrate, ops_cli, worker
+from pgqueue.api import LOCAL_TOKEN_TTL_S, TOKEN_TTL_S
 from pgqueue.config import Settings
 from pgqueue.credentials import Keyring
-from pgqueue.db import connect, resolve_database_url
-from pgqueue.errors import PgQueueError, first_line
+from pgqueue.dashboard import dashboard_url, ttl_hours
+from pgqueue.db import connect, resolve_database_url, stop_embedded
+from pgqueue.errors import EXIT_USAGE, PgQueueError, exit_code
 
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 1
+# A command: the parsed arguments and the settings from the environment in, exit code out.
+Handler = Callable[[argparse.Namespace, Settings], int]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,24 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pgqueue", description="PostgreSQL send queue for WhatsApp through Twilio")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    sub.add_parser("migrate", help="upgrade the database schema to the newest migration")
+    migrate_p = sub.add_parser(
+        "migrate", help="upgrade the database schema to the newest migration"
+    )
+    migrate_p.set_defaults(func=_migrate)
 
     serve = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
 
-    worker = sub.add_parser("worker", help="run a worker that sends queued messages")
-    worker.add_argument("--concurrency", type=int, default=20, help="sends in flight (default 20)")
-    worker.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
+    worker_p = sub.add_parser("worker", help="run a worker that sends queued messages")
+    worker.add_arguments(worker_p)
+    worker_p.set_defaults(func=_worker)
 
-    demo = sub.add_parser("demo", help="run the demo on the embedded database")
-    demo.add_argument("--scenario", action="append", default=None)
-    demo.add_argument("--keep-running", action="store_true")
-    demo.add_argument("--duration-scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    demo_p = sub.add_parser("demo", help="run the demo on the embedded database")
+    demo_p.add_argument("--scenario", action="append", default=None)
+    demo_p.add_argument("--keep-running", action="store_true")
+    demo_p.add_argument("--duration-scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    demo_p.set_defaults(func=_demo)
 
-    tenant = sub.add_parser("tenant", help="add, list and change tenants").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
-    )
+    tenant_p = sub.add_parser("tenant", help="add, list and change tenants")
+    tenant_p.set_defaults(func=_in_loop(_tenant))
+    tenant = tenant_p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     add = tenant.add_parser("add", help="add a tenant with its Twilio credentials")
     add.add_argument("id")
     add.add_argument("--account-sid", required=True)
@@ -122,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="encrypt every tenant's auth token again with the first of PGQUEUE_SECRET_KEYS",
     )
 
-    token = sub.add_parser("token", help="API tokens").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
-    )
+    token_p = sub.add_parser("token", help="API tokens")
+    token_p.set_defaults(func=_in_loop(_token))
+    token = token_p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     tc = token.add_parser("create", help="create a token for a tenant (shown once)")
     tc.add_argument("tenant")
     tc.add_argument(
@@ -136,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = token.add_parser("revoke", help="revoke a token at once")
     tr.add_argument("token", help="its id or prefix (as `token list` shows), or the token")
 
-    queue = sub.add_parser("queue", help="queue limits").add_subparsers(
-        dest="action", required=True, parser_class=_Parser
-    )
+    queue_p = sub.add_parser("queue", help="queue limits")
+    queue_p.set_defaults(func=_in_loop(_queue))
+    queue = queue_p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     qs = queue.add_parser("show")
     qs.add_argument("--json", action="store_true")
     qset = queue.add_parser("set")
@@ -157,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the link may also retry dead letters (without it, it only reads)",
     )
+    dash.set_defaults(func=_dashboard_url)
 
     roles = sub.add_parser(
         "roles",
@@ -169,13 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="only grant to the roles that exist (no CREATEROLE needed)",
     )
     roles.add_argument("--json", action="store_true")
+    roles.set_defaults(func=_in_loop(_roles))
 
     emb = sub.add_parser("embedded", help="the embedded PostgreSQL").add_subparsers(
         dest="action", required=True, parser_class=_Parser
     )
-    emb.add_parser("stop", help="stop the embedded server of PGQUEUE_HOME")
-
-    from pgqueue import ops_cli
+    emb.add_parser("stop", help="stop the embedded server of PGQUEUE_HOME").set_defaults(
+        func=_embedded_stop
+    )
 
     ops_cli.add_commands(sub)
     return p
@@ -214,8 +225,6 @@ def _read_auth_token(args: argparse.Namespace, settings: Settings, *, required: 
             raise PgQueueError(f"cannot read the auth token from {path}: {exc}") from None
         token = token.strip()
     elif required and sys.stdin.isatty():
-        import getpass
-
         token = getpass.getpass("Twilio auth token: ").strip()
     elif required:
         raise PgQueueError(
@@ -237,9 +246,6 @@ def _warn(message: str) -> None:
 
 
 def _print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=title)
     for c in columns:
         table.add_column(c)
@@ -393,8 +399,6 @@ async def _token(args: argparse.Namespace, settings: Settings) -> int:
 
 def api_cache_s(settings: Settings) -> float:
     """How long an API process may go on taking a revoked token (its token caches)."""
-    from pgqueue.api import LOCAL_TOKEN_TTL_S, TOKEN_TTL_S
-
     return float(TOKEN_TTL_S) if settings.redis_url else LOCAL_TOKEN_TTL_S
 
 
@@ -442,9 +446,16 @@ async def _roles(args: argparse.Namespace, settings: Settings) -> int:
     return await _with_conn(settings, run)
 
 
-def _migrate(settings: Settings) -> int:
-    from pgqueue import migrate
+def _in_loop(
+    command: Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]],
+) -> Handler:
+    def handler(args: argparse.Namespace, settings: Settings) -> int:
+        return asyncio.run(command(args, settings))
 
+    return handler
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     url = resolve_database_url(settings)
     before = migrate.current_revision(url)
     migrate.upgrade(url)
@@ -453,66 +464,41 @@ def _migrate(settings: Settings) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    return api.serve(settings, host=args.host, port=args.port)
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    return worker.main_from_cli(settings, concurrency=args.concurrency, reload=args.reload)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    return demo.main(
+        settings, scenarios=args.scenario, keep_running=args.keep_running, scale=args.duration_scale
+    )
+
+
+def _dashboard_url(args: argparse.Namespace, settings: Settings) -> int:
+    ttl_s = ttl_hours(args.ttl_hours)
+    print(dashboard_url(settings, args.base_url, ttl_s, allow_retry=args.allow_retry))
+    return 0
+
+
+def _embedded_stop(args: argparse.Namespace, settings: Settings) -> int:
+    stopped = stop_embedded(settings.home)
+    print("embedded server stopped" if stopped else "no embedded server was running")
+    return 0
+
+
 def run(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.from_env(os.environ if environ is None else environ)
-    cmd = args.command
-    if cmd == "migrate":
-        return _migrate(settings)
-    if cmd == "tenant":
-        return asyncio.run(_tenant(args, settings))
-    if cmd == "token":
-        return asyncio.run(_token(args, settings))
-    if cmd == "queue":
-        return asyncio.run(_queue(args, settings))
-    if cmd == "roles":
-        return asyncio.run(_roles(args, settings))
-    if cmd == "dashboard-url":
-        from pgqueue.dashboard import dashboard_url, ttl_hours
-
-        ttl_s = ttl_hours(args.ttl_hours)
-        print(dashboard_url(settings, args.base_url, ttl_s, allow_retry=args.allow_retry))
-        return 0
-    if cmd == "embedded":
-        from pgqueue.db import stop_embedded
-
-        stopped = stop_embedded(settings.home)
-        print("embedded server stopped" if stopped else "no embedded server was running")
-        return 0
-    if cmd == "worker":
-        from pgqueue import worker
-
-        return worker.main_from_cli(settings, concurrency=args.concurrency, reload=args.reload)
-    if cmd == "serve":
-        from pgqueue import api
-
-        return api.serve(settings, host=args.host, port=args.port)
-    if cmd == "demo":
-        from pgqueue import demo
-
-        return demo.main(
-            settings,
-            scenarios=args.scenario,
-            keep_running=args.keep_running,
-            scale=args.duration_scale,
-        )
-    from pgqueue import ops_cli
-
-    return ops_cli.run(args, settings)
+    handler: Handler = args.func
+    return handler(args, settings)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        code = run(argv)
-    except PgQueueError as e:
-        print(f"pgqueue: {e.message}", file=sys.stderr)
-        code = EXIT_USAGE
-    except psycopg.OperationalError as e:
-        print(f"pgqueue: cannot reach the database: {first_line(e)}", file=sys.stderr)
-        code = EXIT_UNAVAILABLE
-    except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+    sys.exit(exit_code(lambda: run(argv)))
 
 
 if __name__ == "__main__":

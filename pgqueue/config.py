@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,9 +79,6 @@ def _latency(env: Mapping[str, str], name: str) -> tuple[float, float]:
 
 def _secret_keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     """Comma-separated Fernet keys (32 url-safe base64 bytes each); the first encrypts."""
-    import base64
-    import binascii
-
     keys = tuple(k.strip() for k in env.get(name, "").split(",") if k.strip())
     for i, key in enumerate(keys, start=1):
         try:

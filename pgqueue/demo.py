@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
 
 from pgqueue import admin, migrate
 from pgqueue.config import Settings
@@ -324,10 +328,6 @@ async def compute_verdicts(url: str, ids: list[int]) -> list[Verdict]:
 
 
 def _view(metrics: dict[str, Any], progress: Progress, rate: float) -> Any:
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.table import Table
-
     counts = Table.grid(padding=(0, 3))
     for key in ("waiting", "active", "delayed", "completed", "failed"):
         counts.add_column(key)
@@ -367,9 +367,6 @@ async def _sends_last_second(conn: Any) -> float:
 
 
 async def _watch(url: str, progress: Progress, until: Callable[[], Awaitable[bool]]) -> None:
-    from rich.console import Console
-    from rich.live import Live
-
     console = Console()
     conn = await connect(url, application_name="pgqueue-demo")
     try:
@@ -467,9 +464,6 @@ async def _never() -> bool:
 
 
 def _print_verdicts(verdicts: list[Verdict], progress: Progress) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     print()
     table = Table("guarantee", "held", "measured", title="verdicts (from the database)")
     for v in verdicts:

@@ -6,6 +6,19 @@ CLI can show as-is: no traceback, no secret.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
+import psycopg
+
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 1
+
+# Twilio's error codes after which sending to the number again cannot succeed until the
+# recipient acts (21610 STOP, 63014 blocked the business, 63024 invalid recipient): the
+# number is suppressed, whether the code came with the send or with a status callback.
+SUPPRESS_CODES = frozenset({21610, 63014, 63024})
+
 
 def first_line(exc: BaseException) -> str:
     """A one-line description of an exception for logs and CLI messages."""
@@ -113,3 +126,29 @@ class TenantSendError(SendError):
 
     The tenant is paused: its jobs wait without burning retries until an operator resumes it.
     """
+
+
+def exit_code(run: Callable[[], int], prog: str = "pgqueue") -> int:
+    """Runs a command and turns what a user can cause into one line on stderr and an exit
+    code, never a traceback: a PgQueueError or an unmigrated database exits 2, an
+    unreachable or refusing database 1, Ctrl-C 130."""
+    try:
+        return run()
+    except PgQueueError as e:
+        print(f"{prog}: {e.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except psycopg.OperationalError as e:
+        print(f"{prog}: cannot reach the database: {first_line(e)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction) as e:
+        print(
+            f"{prog}: the database lacks pgqueue's schema or is behind it ({first_line(e)}): "
+            "run `pgqueue migrate`",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    except psycopg.Error as e:
+        print(f"{prog}: the database refused: {first_line(e)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return 130

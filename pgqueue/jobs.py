@@ -6,7 +6,9 @@ entirely (another tenant's id is simply not found).
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -14,7 +16,7 @@ import psycopg
 from pgqueue import queries
 from pgqueue.errors import NotFoundError, ValidationError
 from pgqueue.logs import job_log
-from pgqueue.models import JobState
+from pgqueue.models import JobState, conversation_id
 
 MAX_LIST = 1000
 
@@ -145,3 +147,61 @@ async def clean_failed(
         {"queue": queue, "older_than": older_than, "tenant_id": tenant_id},
     )
     return int(row["deleted"]) if row else 0
+
+
+_AGE = re.compile(r"(\d{1,6})\s*([smhdw])", re.ASCII)
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_MAX_AGE = timedelta(days=36500)
+
+
+def parse_older_than(
+    text: str, *, now: datetime | None = None, field: str = "older_than"
+) -> datetime:
+    """`7d`, `12h`, `30m`, `90s`, `2w` ago, or an ISO 8601 moment with a zone."""
+    now = now or datetime.now(UTC)
+    raw = text.strip()
+    m = _AGE.fullmatch(raw.lower())
+    if m:
+        age = timedelta(seconds=int(m.group(1)) * _UNIT_S[m.group(2)])
+        return now - min(age, _MAX_AGE)
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ValidationError(
+            f"{field} must be an age such as 7d, 12h, 30m, 90s, 2w, or an ISO 8601 time "
+            "with a zone (2026-01-31T00:00:00Z)",
+            code="invalid_older_than",
+            field=field,
+        )
+    return moment
+
+
+def job_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A job as the API shows it (the CLI's --json too): never the message's full text."""
+    return {
+        "id": int(row["id"]),
+        "tenantId": row["tenant_id"],
+        "conversationId": conversation_id(row["tenant_id"], row["conversation"]),
+        "state": row["state"],
+        "attempts": int(row["attempts"]),
+        "maxAttempts": int(row["max_attempts"]),
+        "priority": int(row["priority"]),
+        "messageType": row["message_type"],
+        "phoneNumber": row["to_number"],
+        "channel": row["channel"],
+        "contentSid": row["content_sid"],
+        "lastErrorCode": row["last_error_code"],
+        "lastErrorMessage": row["last_error_message"],
+        "providerSid": row["provider_sid"],
+        "providerStatus": row["provider_status"],
+        "createdAt": iso(row["created_at"]),
+        "runAt": iso(row["run_at"]),
+        "startedAt": iso(row["started_at"]),
+        "finishedAt": iso(row["finished_at"]),
+    }
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

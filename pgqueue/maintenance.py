@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import queries
 from pgqueue.dispatcher import Dispatcher
+from pgqueue.metrics import queue_metrics
 from pgqueue.statuses import apply_early_statuses
 
 log = logging.getLogger("pgqueue.maintenance")
@@ -180,7 +181,6 @@ class Maintenance:
             conversations = await queries.execute(conn, "forget_idle_conversations", {})
             marked = await queries.execute(conn, "mark_stale_ready", {"queue": self.queue})
             statuses = await apply_early_statuses(conn)
-            from pgqueue.metrics import queue_metrics
 
             metrics = await queue_metrics(conn, self.queue)
         metrics_log.info(

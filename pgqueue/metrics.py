@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import queries
 from pgqueue.config import Settings
+from pgqueue.db import connect, resolve_database_url
 from pgqueue.errors import NotFoundError
 
 
@@ -67,8 +68,6 @@ async def get_queue_metrics(
     the environment (DATABASE_URL, else the embedded server) like every command's.
     `queue` defaults to WHATSAPP_SEND_QUEUE_NAME.
     """
-    from pgqueue.db import connect, resolve_database_url
-
     if settings is None:
         settings = Settings.from_env()
     name = queue or settings.queue_name

@@ -10,6 +10,7 @@ from importlib import resources
 
 import psycopg
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -17,6 +18,7 @@ from sqlalchemy import create_engine, pool
 
 from pgqueue.db import sqlalchemy_url
 from pgqueue.errors import ConfigError
+from pgqueue.schema import RUNTIME_TABLE_PREFIXES, SCHEMA, metadata
 
 # Alembic's package-resource form: the `migrations` folder of the installed pgqueue.
 SCRIPT_LOCATION = "pgqueue:migrations"
@@ -59,9 +61,6 @@ def is_at_head(database_url: str) -> bool:
 
 def compare_with_schema(database_url: str) -> list[object]:
     """Differences between the migrated database and schema.py (empty = no drift)."""
-    from alembic.autogenerate import compare_metadata
-
-    from pgqueue.schema import RUNTIME_TABLE_PREFIXES, SCHEMA, metadata
 
     def include_object(obj: object, name: str | None, type_: str, *_: object) -> bool:
         if type_ == "table" and name and name.startswith(RUNTIME_TABLE_PREFIXES):

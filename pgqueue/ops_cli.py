@@ -10,50 +10,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
 
-from pgqueue import jobs, queries
+from pgqueue import jobs, migrate, queries
 from pgqueue.config import Settings, redact_url
+from pgqueue.db import connect, resolve_database_url
+from pgqueue.enqueue import normalize_phone
 from pgqueue.errors import NotFoundError, PgQueueError, ValidationError, first_line
+from pgqueue.metrics import queue_metrics
 
-COMMANDS = ("jobs", "stats", "doctor", "suppression")
 # Waiting longer than this while due means something is stuck (no worker, a pause, a
 # rate far below the load); `doctor` says so.
 STALLED_AFTER_S = 300.0
-_AGE = re.compile(r"(\d{1,6})\s*([smhdw])", re.ASCII)
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_MAX_AGE = timedelta(days=36500)
-
-
-def parse_older_than(
-    text: str, *, now: datetime | None = None, field: str = "older_than"
-) -> datetime:
-    """`7d`, `12h`, `30m`, `90s`, `2w` ago, or an ISO 8601 moment with a zone."""
-    now = now or datetime.now(UTC)
-    raw = text.strip()
-    m = _AGE.fullmatch(raw.lower())
-    if m:
-        age = timedelta(seconds=int(m.group(1)) * _UNIT_S[m.group(2)])
-        return now - min(age, _MAX_AGE)
-    try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
-        raise ValidationError(
-            f"{field} must be an age such as 7d, 12h, 30m, 90s, 2w, or an ISO 8601 time "
-            "with a zone (2026-01-31T00:00:00Z)",
-            code="invalid_older_than",
-            field=field,
-        )
-    return moment
 
 
 def add_commands(subparsers: Any) -> None:
@@ -80,6 +56,7 @@ def add_commands(subparsers: Any) -> None:
     clean.add_argument("--state", required=True, choices=["failed"])
     clean.add_argument("--older-than", help="7d, 12h, 30m, 2w or an ISO 8601 time")
     clean.add_argument("--tenant")
+    jobs_p.set_defaults(func=_run_jobs)
 
     stats = subparsers.add_parser("stats", help="queue counts (the API's metrics)")
     stats.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
@@ -87,8 +64,11 @@ def add_commands(subparsers: Any) -> None:
     stats.add_argument("--tenant", help="one tenant's numbers only")
     stats.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     stats.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    stats.set_defaults(func=_run_stats)
 
-    subparsers.add_parser("doctor", help="check the database, migrations, workers, jobs, Redis")
+    subparsers.add_parser(
+        "doctor", help="check the database, migrations, workers, jobs, Redis"
+    ).set_defaults(func=_run_doctor)
 
     sup = subparsers.add_parser("suppression", help="numbers a tenant may not message")
     sup_sub = sup.add_subparsers(dest="action", required=True, parser_class=parser_class)
@@ -99,33 +79,35 @@ def add_commands(subparsers: Any) -> None:
     sr = sup_sub.add_parser("remove", help="allow messages to a number again")
     sr.add_argument("tenant")
     sr.add_argument("number")
+    sup.set_defaults(func=_run_suppression)
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    command = args.command
-    if command == "jobs":
-        return asyncio.run(_with_conn(settings, lambda conn: _jobs(conn, args, settings)))
-    if command == "stats":
-        try:
-            return asyncio.run(_stats(args, settings))
-        except KeyboardInterrupt:
-            return 0
-    if command == "doctor":
-        checks = asyncio.run(doctor(settings))
-        for check in checks:
-            print(check.line())
-        return 0 if all(c.ok for c in checks) else 1
-    if command == "suppression":
-        return asyncio.run(_with_conn(settings, lambda conn: _suppression(conn, args)))
-    raise PgQueueError(f"unknown command {command!r}")
+def _run_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_with_conn(settings, lambda conn: _jobs(conn, args, settings)))
+
+
+def _run_stats(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        return asyncio.run(_stats(args, settings))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _run_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    checks = asyncio.run(doctor(settings))
+    for check in checks:
+        print(check.line())
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _run_suppression(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_with_conn(settings, lambda conn: _suppression(conn, args)))
 
 
 # -- helpers -------------------------------------------------------------------------
 
 
 async def _with_conn(settings: Settings, fn: Callable[[queries.Conn], Awaitable[int]]) -> int:
-    from pgqueue.db import connect, resolve_database_url
-
     conn = await connect(resolve_database_url(settings), application_name="pgqueue-cli")
     try:
         return await fn(conn)
@@ -146,8 +128,6 @@ def _cell(value: Any) -> str:
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
-    from rich.table import Table
-
     table = Table(title=title)
     for c in columns:
         table.add_column(c)
@@ -157,8 +137,6 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) ->
 
 
 def _print(renderable: Any) -> None:
-    from rich.console import Console
-
     Console().print(renderable)
 
 
@@ -166,8 +144,6 @@ def _print(renderable: Any) -> None:
 
 
 async def _jobs(conn: queries.Conn, args: argparse.Namespace, settings: Settings) -> int:
-    from pgqueue.api import job_json
-
     queue = settings.queue_name
     if args.action == "list":
         rows = await jobs.list_jobs(
@@ -179,7 +155,7 @@ async def _jobs(conn: queries.Conn, args: argparse.Namespace, settings: Settings
             limit=args.limit,
         )
         if args.json:
-            _print_json([job_json(r) for r in rows])
+            _print_json([jobs.job_json(r) for r in rows])
             return 0
         _print(
             _table(
@@ -211,7 +187,7 @@ async def _jobs(conn: queries.Conn, args: argparse.Namespace, settings: Settings
         )
         return 0
     if args.action == "show":
-        job = job_json(await jobs.get_job(conn, args.id))
+        job = jobs.job_json(await jobs.get_job(conn, args.id))
         if args.json:
             _print_json(job)
         else:
@@ -233,7 +209,7 @@ async def _jobs(conn: queries.Conn, args: argparse.Namespace, settings: Settings
         ids = await jobs.retry_failed(conn, queue=queue, tenant_id=args.tenant)
         print(f"{len(ids)} failed job(s) queued again")
         return 0
-    older = None if args.older_than is None else parse_older_than(args.older_than)
+    older = None if args.older_than is None else jobs.parse_older_than(args.older_than)
     deleted = await jobs.clean_failed(conn, queue=queue, older_than=older, tenant_id=args.tenant)
     print(f"{deleted} failed job(s) deleted")
     return 0
@@ -243,9 +219,6 @@ async def _jobs(conn: queries.Conn, args: argparse.Namespace, settings: Settings
 
 
 async def _stats(args: argparse.Namespace, settings: Settings) -> int:
-    from pgqueue.db import connect, resolve_database_url
-    from pgqueue.metrics import queue_metrics
-
     queue = settings.queue_name
     conn = await connect(resolve_database_url(settings), application_name="pgqueue-cli")
     try:
@@ -273,7 +246,6 @@ async def _stats(args: argparse.Namespace, settings: Settings) -> int:
                 shown += 1
                 await asyncio.sleep(args.interval)
             return 0
-        from rich.live import Live
 
         with Live(auto_refresh=False) as live:
             while not args.count or shown < args.count:
@@ -288,8 +260,6 @@ async def _stats(args: argparse.Namespace, settings: Settings) -> int:
 def _stats_view(
     queue: str, data: dict[str, Any], state: dict[str, Any] | None, tenants: list[Any]
 ) -> Any:
-    from rich.console import Group
-
     counts = _table(
         f"queue {queue}",
         ["waiting", "active", "delayed", "completed", "failed"],
@@ -363,9 +333,6 @@ async def doctor(settings: Settings) -> list[Check]:
 
 
 async def _database_checks(settings: Settings) -> list[Check]:
-    from pgqueue import migrate
-    from pgqueue.db import connect, resolve_database_url
-
     queue = settings.queue_name
     try:
         url = resolve_database_url(settings, announce=None)
@@ -491,9 +458,9 @@ async def _database_checks(settings: Settings) -> list[Check]:
 async def _redis_check(settings: Settings) -> Check:
     if not settings.redis_url:
         return Check(True, "redis", "not configured (optional; the database answers everything)")
-    from redis.asyncio import Redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
+    from redis.asyncio import Redis  # noqa: PLC0415 (optional)
+    from redis.asyncio.retry import Retry  # noqa: PLC0415 (optional)
+    from redis.backoff import NoBackoff  # noqa: PLC0415 (optional)
 
     client = Redis.from_url(
         settings.redis_url,
@@ -520,8 +487,6 @@ async def _redis_check(settings: Settings) -> Check:
 
 
 async def _suppression(conn: queries.Conn, args: argparse.Namespace) -> int:
-    from pgqueue.enqueue import normalize_phone
-
     if args.action == "list":
         rows = await queries.fetch_all(
             conn, "api_suppressions", {"tenant_id": args.tenant, "limit": args.limit}
@@ -548,19 +513,3 @@ async def _suppression(conn: queries.Conn, args: argparse.Namespace) -> int:
         raise NotFoundError(f"{number} is not suppressed for tenant {args.tenant}")
     print(f"{number} may receive messages from {args.tenant} again")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run only these commands (for tests and before cli.py wires them in)."""
-    parser = argparse.ArgumentParser(prog="pgqueue")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return run(args, Settings.from_env())
-    except PgQueueError as exc:
-        print(f"pgqueue: {exc.message}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

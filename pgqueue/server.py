@@ -22,7 +22,11 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from http import HTTPStatus
 from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from pgqueue.config import Settings
 from pgqueue.errors import RequestTimeoutError
@@ -76,8 +80,6 @@ class BodyDeadline:
 
 
 def _answer(status: int, code: str, message: str, *, retry_after: int | None = None) -> bytes:
-    from http import HTTPStatus
-
     body = json.dumps({"error": code, "message": message}).encode()
     lines = [
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
@@ -115,9 +117,6 @@ class _HeadTooLarge(Exception):
 
 def protocol_class(settings: Settings) -> type[asyncio.Protocol]:
     """uvicorn's httptools protocol with the head limits of `settings`."""
-    import httptools
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
     max_head = settings.http_max_header_bytes
     head_timeout_s = settings.http_header_timeout_s
     max_connections = settings.http_max_connections

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pgqueue import queries
+from pgqueue.errors import SUPPRESS_CODES
 
 # Held statuses that no finished message claims after this long are forgotten.
 EARLY_STATUS_MAX_AGE_S = 86_400.0
@@ -24,8 +25,6 @@ class StatusUpdate:
 
 def suppresses(status: str | None, code: str | None) -> bool:
     """A delivery that failed with this code means: do not message this number again."""
-    from pgqueue.providers.twilio import SUPPRESS_CODES
-
     return (
         status in ("failed", "undelivered")
         and code is not None

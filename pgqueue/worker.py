@@ -7,6 +7,7 @@ claiming, let sends in flight finish (bounded), write their outcomes, exit 0.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -25,31 +26,17 @@ from pgqueue import queries
 from pgqueue.config import Settings
 from pgqueue.db import connect, make_pool, resolve_database_url
 from pgqueue.dispatcher import Dispatcher, DispatcherConfig
-from pgqueue.errors import PgQueueError
+from pgqueue.errors import PgQueueError, exit_code
 from pgqueue.logs import setup_logging
 from pgqueue.maintenance import Maintenance, Rescuer
 from pgqueue.providers import Provider
+from pgqueue.providers.default import default_provider
 
 log = logging.getLogger("pgqueue.worker")
 
 ProviderFactory = Callable[[Settings, AsyncConnectionPool[Any]], Provider]
 DRAIN_TIMEOUT_S = 30.0
 HEARTBEAT_S = 10.0
-
-
-def default_provider(settings: Settings, pool: AsyncConnectionPool[Any]) -> Provider:
-    if settings.provider == "sandbox":
-        from pgqueue.providers.sandbox import SandboxProvider
-
-        return SandboxProvider(
-            pool,
-            latency=settings.sandbox_latency_s,
-            failure_rate=settings.sandbox_failure_rate,
-            invalid_numbers=settings.sandbox_invalid_numbers,
-        )
-    from pgqueue.providers.twilio import TwilioProvider
-
-    return TwilioProvider(settings)
 
 
 async def listen(
@@ -240,7 +227,7 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
     milliseconds, up to one early, so what must not happen before a moment (a rate slot)
     looks at the clock again after its sleep."""
     try:
-        import uvloop
+        import uvloop  # noqa: PLC0415 (optional)
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
@@ -258,7 +245,7 @@ def main_from_cli(settings: Settings, *, concurrency: int = 20, reload: bool = F
         raise PgQueueError("--concurrency must be from 1 to 1000")
     if reload:
         try:
-            from watchfiles import run_process
+            from watchfiles import run_process  # noqa: PLC0415 (optional)
         except ImportError:
             raise PgQueueError("--reload needs watchfiles: pip install watchfiles") from None
         package = Path(__file__).resolve().parent
@@ -272,17 +259,23 @@ def main_from_cli(settings: Settings, *, concurrency: int = 20, reload: bool = F
     return run_loop(_main(settings, concurrency))
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The worker's options, for `pgqueue worker` and `python -m pgqueue.worker` alike."""
+    parser.add_argument("--concurrency", type=int, default=20, help="sends in flight (default 20)")
+    parser.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m pgqueue.worker")
-    parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--reload", action="store_true")
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    from pgqueue.cli import main as cli_main
-
-    cli_main(
-        ["worker", "--concurrency", str(args.concurrency)] + (["--reload"] if args.reload else [])
+    sys.exit(
+        exit_code(
+            lambda: main_from_cli(
+                Settings.from_env(), concurrency=args.concurrency, reload=args.reload
+            ),
+            prog="pgqueue worker",
+        )
     )
 
 

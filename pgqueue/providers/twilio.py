@@ -38,7 +38,13 @@ from twilio.rest.api.v2010.account import message as _preload_messages  # noqa: 
 
 from pgqueue.config import Settings
 from pgqueue.credentials import Keyring, open_for_send
-from pgqueue.errors import PermanentSendError, SendError, TenantSendError, TransientSendError
+from pgqueue.errors import (
+    SUPPRESS_CODES,
+    PermanentSendError,
+    SendError,
+    TenantSendError,
+    TransientSendError,
+)
 from pgqueue.models import Job, SendResult
 from pgqueue.providers import note_on_wire, wait_for_slot
 
@@ -75,8 +81,6 @@ PERMANENT_CODES = frozenset(
         63024,  # invalid message recipient
     }
 )
-# Sending again to these numbers cannot succeed until the recipient acts.
-SUPPRESS_CODES = frozenset({21610, 63014, 63024})
 OUTSIDE_WINDOW = 63016
 
 _response_headers: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from pgqueue import admin, cli
+from pgqueue import admin
 from pgqueue.api import create_app
 from pgqueue.config import Settings
 from pgqueue.db import as_url
@@ -28,16 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 ADMIN = "admin-token-for-cli-tests-0123456"
 
 
-def _cli_module() -> str:
-    # `pgqueue.cli` once it carries these commands; until then their own entry point.
-    try:
-        cli.build_parser().parse_args(["doctor"])
-    except SystemExit:
-        return "pgqueue.ops_cli"
-    return "pgqueue.cli"
-
-
-CLI = [sys.executable, "-m", _cli_module()]
+CLI = [sys.executable, "-m", "pgqueue.cli"]
 
 
 @dataclass
@@ -263,3 +255,24 @@ async def test_suppression_list_and_remove(db_url: str, conn: Any) -> None:
 @pytest.mark.parametrize("argv", [["jobs"], ["jobs", "show", "x"], ["suppression", "remove", "t0"]])
 async def test_usage_errors_exit_2(db_url: str, argv: list[str]) -> None:
     assert (await pgqueue(db_url, *argv)).code == 2
+
+
+
+async def test_a_database_without_the_schema_gets_one_line_naming_migrate(server_url: str) -> None:
+    name = f"pgqueue_unmigrated_{os.getpid()}"
+    with psycopg.connect(server_url, autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        c.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
+        for argv in (["queue", "show"], ["jobs", "list"], ["tenant", "list"]):
+            done = await pgqueue(url, *argv)
+            assert done.code == 2, (argv, done)
+            assert done.err.strip().endswith("run `pgqueue migrate`"), (argv, done.err)
+            assert len(done.err.strip().splitlines()) == 1, done.err
+        migrated = await pgqueue(url, "migrate")
+        assert migrated.code == 0, migrated
+        assert (await pgqueue(url, "queue", "show")).code == 0
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -24,7 +24,8 @@ from pgqueue.config import Settings
 from pgqueue.dashboard import dashboard_url
 from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.errors import PgQueueError
-from pgqueue.worker import Worker, default_provider
+from pgqueue.providers.default import default_provider
+from pgqueue.worker import Worker
 from tests.db.test_api_process import ADMIN, as_url, free_port, serving
 from tests.fake_twilio import FakeTwilio
 from tests.helpers import ACCOUNT, phone

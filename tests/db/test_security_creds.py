@@ -29,7 +29,8 @@ from pgqueue.config import Settings
 from pgqueue.credentials import UNDECRYPTABLE, Keyring
 from pgqueue.db import as_url
 from pgqueue.dispatcher import DispatcherConfig
-from pgqueue.worker import Worker, default_provider
+from pgqueue.providers.default import default_provider
+from pgqueue.worker import Worker
 from tests.db.test_api import PUBLIC, _signed
 from tests.db.test_api_process import serving
 from tests.fake_twilio import FakeTwilio

@@ -16,7 +16,8 @@ from pgqueue.config import Settings
 from pgqueue.db import as_url
 from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.errors import ValidationError
-from pgqueue.worker import Worker, default_provider
+from pgqueue.providers.default import default_provider
+from pgqueue.worker import Worker
 from tests.fake_twilio import FakeTwilio
 from tests.helpers import ACCOUNT, add_tenants, phone, send, wait_until_drained
 
