@@ -257,7 +257,6 @@ async def test_usage_errors_exit_2(db_url: str, argv: list[str]) -> None:
     assert (await pgqueue(db_url, *argv)).code == 2
 
 
-
 async def test_a_database_without_the_schema_gets_one_line_naming_migrate(server_url: str) -> None:
     name = f"pgqueue_unmigrated_{os.getpid()}"
     with psycopg.connect(server_url, autocommit=True) as c:
