@@ -25,21 +25,6 @@ _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
 _CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
 TOKEN_PREFIX = "pgq_"  # noqa: S105 - a marker, not a secret
 
-# Tenant columns that are safe to show; the auth token is never read back out. Sends in
-# flight and finished ones come from the views that count and sum them.
-TENANT_PUBLIC = (
-    "id, name, account_sid, whatsapp_from, senders, max_concurrency, rate_per_second, paused, "
-    "pause_reason, fallback_content_sid, fallback_variable, "
-    "coalesce((SELECT f.n FROM pgqueue.tenant_in_flight f"
-    " WHERE f.tenant_id = tenants.id), 0) AS active, "
-    "last_served_at, "
-    "coalesce((SELECT f.completed FROM pgqueue.tenant_finished f"
-    " WHERE f.tenant_id = tenants.id), 0) AS completed_total, "
-    "coalesce((SELECT f.failed FROM pgqueue.tenant_finished f"
-    " WHERE f.tenant_id = tenants.id), 0) AS failed_total, "
-    "created_at"
-)
-
 
 def validate_tenant_id(tenant_id: str) -> str:
     if not _TENANT_ID.fullmatch(tenant_id or ""):
@@ -103,51 +88,55 @@ async def add_tenant(
     validate_tenant_id(tenant_id)
     default = normalize_phone(whatsapp_from, field="from")
     others = [n for n in _senders(senders, "sender") if n != default]
-    row = await (
-        await conn.execute(
-            f"""INSERT INTO pgqueue.tenants
-                    (id, name, account_sid, auth_token, whatsapp_from, senders,
-                     max_concurrency, rate_per_second)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-                ON CONFLICT (id) DO NOTHING
-                RETURNING {TENANT_PUBLIC}""",
-            (
-                tenant_id,
-                name or tenant_id,
-                _account_sid(account_sid),
-                _sealed(auth_token, keyring),
-                default,
-                others,
-                _positive_int(max_concurrency, "max_concurrency"),
-                _positive_rate(rate_per_second, "rate"),
-            ),
-        )
-    ).fetchone()
+    row = await queries.fetch_one(
+        conn,
+        "admin_add_tenant",
+        {
+            "id": tenant_id,
+            "name": name or tenant_id,
+            "account_sid": _account_sid(account_sid),
+            "auth_token": _sealed(auth_token, keyring),
+            "whatsapp_from": default,
+            "senders": others,
+            "max_concurrency": _positive_int(max_concurrency, "max_concurrency"),
+            "rate_per_second": _positive_rate(rate_per_second, "rate"),
+        },
+    )
     if row is None:
         raise ValidationError(
             f"tenant {tenant_id!r} exists already; change it with `pgqueue tenant set`",
             code="tenant_exists",
             field="id",
         )
-    return row
+    return await get_tenant(conn, tenant_id)
 
 
 async def list_tenants(conn: queries.Conn) -> list[dict[str, Any]]:
-    cur = await conn.execute(f"SELECT {TENANT_PUBLIC} FROM pgqueue.tenants ORDER BY id")
-    return await cur.fetchall()
+    return await queries.fetch_all(conn, "admin_tenants", {"id": None})
 
 
 async def get_tenant(conn: queries.Conn, tenant_id: str) -> dict[str, Any]:
-    cur = await conn.execute(
-        f"SELECT {TENANT_PUBLIC} FROM pgqueue.tenants WHERE id = %s", (tenant_id,)
-    )
-    row = await cur.fetchone()
+    row = await queries.fetch_one(conn, "admin_tenants", {"id": tenant_id})
     if row is None:
         raise NotFoundError(f"no tenant {tenant_id!r}")
     return row
 
 
 _UNSET: Any = object()
+# What set_tenant may change (queries.sql admin_set_tenant).
+_TENANT_SETTABLE = (
+    "name",
+    "account_sid",
+    "auth_token",
+    "whatsapp_from",
+    "senders",
+    "max_concurrency",
+    "rate_per_second",
+    "fallback_content_sid",
+    "fallback_variable",
+    "paused",
+    "pause_reason",
+)
 
 
 async def set_tenant(
@@ -211,19 +200,16 @@ async def set_tenant(
             changes["pause_reason"] = "paused by an operator"
     if not changes:
         return await get_tenant(conn, tenant_id)
-    assignments = ", ".join(f"{col} = %({col})s" for col in changes)
-    cur = await conn.execute(
-        f"UPDATE pgqueue.tenants SET {assignments}, updated_at = now() "
-        f"WHERE id = %(tenant_id)s RETURNING {TENANT_PUBLIC}",
-        {**changes, "tenant_id": tenant_id},
+    params = {col: changes.get(col) for col in _TENANT_SETTABLE}
+    row = await queries.fetch_one(
+        conn, "admin_set_tenant", {**params, "set": list(changes), "id": tenant_id}
     )
-    row = await cur.fetchone()
     if row is None:
         raise NotFoundError(f"no tenant {tenant_id!r}")
     if paused is False:
         # Resumed tenants' jobs are claimable again: wake the workers.
-        await conn.execute("SELECT pg_notify('pgqueue_' || name, '') FROM pgqueue.queues")
-    return row
+        await queries.execute(conn, "notify_all_queues", {})
+    return await get_tenant(conn, tenant_id)
 
 
 def hash_token(token: str) -> str:
@@ -247,29 +233,37 @@ async def create_token(
         )
     await get_tenant(conn, tenant_id)
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    await conn.execute(
-        "INSERT INTO pgqueue.api_tokens (tenant_id, token_hash, prefix, expires_at) "
-        "VALUES (%s, %s, %s, now() + make_interval(days => %s))",
-        (tenant_id, hash_token(token), token[:12], expires_in_days),
+    await queries.execute(
+        conn,
+        "admin_create_token",
+        {
+            "tenant_id": tenant_id,
+            "token_hash": hash_token(token),
+            "prefix": token[:12],
+            "expires_in_days": expires_in_days,
+        },
     )
     return token
 
 
-# What `token list` shows: never the hash.
-_API_TOKENS_PUBLIC = (
-    "id, prefix, tenant_id, created_at, expires_at, last_used_at, revoked_at, "
-    "CASE WHEN revoked_at IS NOT NULL THEN 'revoked' "
-    "WHEN expires_at <= now() THEN 'expired' ELSE 'active' END AS state"
-)
-
-
 async def list_tokens(conn: queries.Conn, tenant_id: str | None = None) -> list[dict[str, Any]]:
-    cur = await conn.execute(
-        f"SELECT {_API_TOKENS_PUBLIC} FROM pgqueue.api_tokens "
-        "WHERE %(tenant)s::text IS NULL OR tenant_id = %(tenant)s ORDER BY tenant_id, id",
-        {"tenant": tenant_id},
+    return await _tokens(conn, tenant=tenant_id)
+
+
+async def _tokens(
+    conn: queries.Conn,
+    *,
+    tenant: str | None = None,
+    id: int | None = None,
+    prefix: str | None = None,
+    token_hash: str | None = None,
+) -> list[dict[str, Any]]:
+    """API tokens as `token list` shows them (never the hash), narrowed by what is given."""
+    return await queries.fetch_all(
+        conn,
+        "admin_tokens",
+        {"tenant": tenant, "id": id, "prefix": prefix, "token_hash": token_hash},
     )
-    return await cur.fetchall()
 
 
 async def revoke_token(conn: queries.Conn, ref: str) -> dict[str, Any]:
@@ -279,23 +273,17 @@ async def revoke_token(conn: queries.Conn, ref: str) -> dict[str, Any]:
     api.TOKEN_TTL_S through Redis)."""
     ref = ref.strip()
     if ref.isascii() and ref.isdigit() and len(ref) <= 18:
-        where, param = "id = %(ref)s::bigint", ref
+        found = await _tokens(conn, id=int(ref))
     elif ref.startswith(TOKEN_PREFIX) and len(ref) > 12:
-        where, param = "token_hash = %(ref)s", hash_token(ref)
+        found = await _tokens(conn, token_hash=hash_token(ref))
     elif ref.startswith(TOKEN_PREFIX) and len(ref) == 12:
-        where, param = "prefix = %(ref)s", ref
+        found = await _tokens(conn, prefix=ref)
     else:
         raise ValidationError(
             f"{ref[:20]!r} is not a token id, a token prefix (pgq_ and 8 characters, "
             "as `pgqueue token list` shows) or a token",
             field="token",
         )
-    found = await (
-        await conn.execute(
-            f"SELECT {_API_TOKENS_PUBLIC} FROM pgqueue.api_tokens WHERE {where} ORDER BY id",
-            {"ref": param},
-        )
-    ).fetchall()
     if not found:
         raise NotFoundError(f"no API token {ref[:20]!r}")
     if len(found) > 1:
@@ -305,15 +293,11 @@ async def revoke_token(conn: queries.Conn, ref: str) -> dict[str, Any]:
             code="ambiguous_token",
             field="token",
         )
-    cur = await conn.execute(
-        f"UPDATE pgqueue.api_tokens SET revoked_at = coalesce(revoked_at, now()) "
-        f"WHERE id = %s RETURNING {_API_TOKENS_PUBLIC}",
-        (found[0]["id"],),
-    )
-    row = await cur.fetchone()
-    if row is None:  # deleted with its tenant meanwhile
+    revoked = await queries.fetch_one(conn, "admin_revoke_token", {"id": found[0]["id"]})
+    row = (await _tokens(conn, id=found[0]["id"]))[:1] if revoked else []
+    if not row:  # deleted with its tenant meanwhile
         raise NotFoundError(f"no API token {ref[:20]!r}")
-    return row
+    return row[0]
 
 
 @dataclass(frozen=True)
@@ -328,16 +312,10 @@ async def rotate_key(conn: queries.Conn, keyring: Keyring) -> Rotated:
     changed meanwhile is not overwritten. Raises CredentialError, changing nothing, when
     a token is encrypted with a key the keyring lacks."""
     async with conn.transaction():
-        cur = await conn.execute(
-            "SELECT id, auth_token FROM pgqueue.tenants ORDER BY id FOR NO KEY UPDATE"
-        )
-        rows = await cur.fetchall()
-        fresh = [(keyring.reseal(r["auth_token"]), r["id"]) for r in rows]
+        rows = await queries.fetch_all(conn, "admin_lock_auth_tokens", {})
+        fresh = [{"auth_token": keyring.reseal(r["auth_token"]), "id": r["id"]} for r in rows]
         async with conn.cursor() as update:
-            await update.executemany(
-                "UPDATE pgqueue.tenants SET auth_token = %s, updated_at = now() WHERE id = %s",
-                fresh,
-            )
+            await update.executemany(queries.sql("admin_store_auth_token"), fresh)
     return Rotated(tenants=len(rows), were_plain=sum(not is_sealed(r["auth_token"]) for r in rows))
 
 
@@ -354,15 +332,7 @@ class QueueLimits:
 
 async def get_queue(conn: queries.Conn, queue: str) -> QueueLimits:
     await queries.ensure_queue(conn, queue)
-    cur = await conn.execute(
-        "SELECT name, global_concurrency, tenant_concurrency, rate_per_second, "
-        "retention_days, message_type_priorities, "
-        "(SELECT count(*) FROM pgqueue.jobs j"
-        " WHERE j.queue = queues.name AND j.state = 'active')::int AS active "
-        "FROM pgqueue.queues WHERE name = %s",
-        (queue,),
-    )
-    row = await cur.fetchone()
+    row = await queries.fetch_one(conn, "admin_queue", {"queue": queue})
     if row is None:
         raise NotFoundError(f"no queue {queue!r}")
     return QueueLimits(**row)
@@ -397,12 +367,17 @@ async def set_queue(
         changes["message_type_priorities"] = Jsonb(message_type_priorities)
     await queries.ensure_queue(conn, queue)
     if changes:
-        assignments = ", ".join(f"{col} = %({col})s" for col in changes)
-        await conn.execute(
-            f"UPDATE pgqueue.queues SET {assignments}, updated_at = now() WHERE name = %(queue)s",
-            {**changes, "queue": queue},
+        limits = (
+            "global_concurrency",
+            "tenant_concurrency",
+            "rate_per_second",
+            "retention_days",
+            "message_type_priorities",
         )
-        await conn.execute("SELECT pg_notify('pgqueue_' || %s, '')", (queue,))
+        await queries.execute(
+            conn, "admin_set_queue", {**{k: changes.get(k) for k in limits}, "queue": queue}
+        )
+        await queries.execute(conn, "notify_queue", {"queue": queue, "payload": None})
     return await get_queue(conn, queue)
 
 

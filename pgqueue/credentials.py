@@ -9,7 +9,7 @@ rotate-key, then dropping the old one.
 
 Decrypted only where the token is used: the worker's send (providers/twilio.py), the
 API's direct send and the signature check of a status callback (it is the HMAC key), and
-rotate-key. Listings read the tenants' public columns only (admin.TENANT_PUBLIC).
+rotate-key. Listings read the tenants' public columns only (queries.sql admin_tenants).
 """
 
 from __future__ import annotations

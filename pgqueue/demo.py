@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from pgqueue import admin, migrate
+from pgqueue import admin, migrate, queries
 from pgqueue.config import Settings
 from pgqueue.db import as_url, connect, resolve_database_url
 from pgqueue.errors import PgQueueError
@@ -169,9 +169,7 @@ async def _setup(url: str) -> dict[str, str]:
         )
         tokens: dict[str, str] = {}
         for i, tenant in enumerate(TENANTS):
-            existing = await (
-                await conn.execute("SELECT 1 FROM pgqueue.tenants WHERE id = %s", (tenant,))
-            ).fetchone()
+            existing = await queries.fetch_one(conn, "admin_tenants", {"id": tenant})
             if existing is None:
                 await admin.add_tenant(
                     conn,
@@ -239,50 +237,10 @@ class Verdict:
     detail: str
 
 
-VERDICT_SQL = """
-WITH sends AS (
-    SELECT s.job_id, s.tenant_id, s.started_at, s.created_at AS ended_at, h.conversation, h.seq
-    FROM pgqueue.sandbox_messages s
-    JOIN pgqueue.job_history h ON h.id = s.job_id AND h.state = 'completed'
-    WHERE s.job_id = ANY(%(ids)s)
-), edges AS (
-    SELECT tenant_id, started_at AS t, 1 AS d FROM sends
-    UNION ALL SELECT tenant_id, ended_at, -1 FROM sends
-), running AS (
-    SELECT tenant_id, sum(d) OVER (PARTITION BY tenant_id ORDER BY t, d
-                                   ROWS UNBOUNDED PRECEDING) AS n_tenant,
-           sum(d) OVER (ORDER BY t, d ROWS UNBOUNDED PRECEDING) AS n_global
-    FROM edges
-), fifo AS (
-    SELECT count(*) FILTER (WHERE seq < prev_seq OR started_at < prev_end) AS violations
-    FROM (SELECT seq, started_at,
-                 lag(seq) OVER w AS prev_seq, lag(ended_at) OVER w AS prev_end
-          FROM sends WINDOW w AS (PARTITION BY conversation ORDER BY started_at)) x
-), windows AS (
-    SELECT (SELECT count(*) FROM sends b
-            WHERE b.started_at >= a.started_at
-              AND b.started_at < a.started_at + interval '1 second') AS n
-    FROM sends a
-)
-SELECT
-  (SELECT count(*) FROM sends) AS delivered,
-  (SELECT violations FROM fifo) AS fifo_violations,
-  (SELECT coalesce(max(n_tenant), 0) FROM running) AS max_tenant,
-  (SELECT coalesce(max(n_global), 0) FROM running) AS max_global,
-  (SELECT coalesce(max(n), 0) FROM windows) AS max_per_second,
-  (SELECT count(*) FROM pgqueue.job_history
-   WHERE id = ANY(%(ids)s) AND state = 'completed' AND attempts > 1) AS retried,
-  (SELECT count(*) FROM pgqueue.job_history WHERE id = ANY(%(ids)s)) AS finished,
-  (SELECT count(*) FROM pgqueue.jobs WHERE id = ANY(%(ids)s)) AS unfinished,
-  (SELECT string_agg(DISTINCT last_error_code, ',') FROM pgqueue.job_history
-   WHERE id = ANY(%(ids)s) AND state = 'failed') AS dead_codes
-"""
-
-
 async def compute_verdicts(url: str, ids: list[int]) -> list[Verdict]:
     conn = await connect(url, application_name="pgqueue-demo")
     try:
-        row = await (await conn.execute(VERDICT_SQL, {"ids": ids})).fetchone()
+        row = await queries.fetch_one(conn, "demo_verdict", {"ids": ids})
     finally:
         await conn.close()
     if row is None:
@@ -357,12 +315,7 @@ def _view(metrics: dict[str, Any], progress: Progress, rate: float) -> Any:
 
 
 async def _sends_last_second(conn: Any) -> float:
-    row = await (
-        await conn.execute(
-            "SELECT count(*) AS n FROM pgqueue.sandbox_messages "
-            "WHERE started_at > clock_timestamp() - interval '1 second'"
-        )
-    ).fetchone()
+    row = await queries.fetch_one(conn, "demo_sends_last_second", {})
     return float(row["n"]) if row else 0.0
 
 
@@ -432,12 +385,9 @@ async def run_demo(
                     return False
                 conn = await connect(url)
                 try:
-                    row = await (
-                        await conn.execute(
-                            "SELECT count(*) AS n FROM pgqueue.jobs WHERE id = ANY(%s)",
-                            (progress.accepted,),
-                        )
-                    ).fetchone()
+                    row = await queries.fetch_one(
+                        conn, "demo_jobs_live", {"ids": progress.accepted}
+                    )
                 finally:
                     await conn.close()
                 return bool(row and row["n"] == 0) or time.monotonic() - started > 170

@@ -157,8 +157,7 @@ class Maintenance:
             return True
 
         async def take(conn: queries.Conn) -> bool:
-            cur = await conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (LEADER_KEY,))
-            row = await cur.fetchone()
+            row = await queries.fetch_one(conn, "take_maintenance_lead", {"key": LEADER_KEY})
             return bool(row and row["ok"])
 
         self._leader = bool(await self.dispatcher.with_connection(take))
@@ -170,13 +169,8 @@ class Maintenance:
         if not await self._try_lead():
             return MaintenanceReport(leader=False)
         async with self.pool.connection() as conn:
-            created = await _scalar(conn, "SELECT pgqueue.ensure_history_partitions(3)")
-            dropped = await _scalar(
-                conn,
-                "SELECT pgqueue.drop_history_partitions(now() - make_interval(days => "
-                "(SELECT retention_days FROM pgqueue.queues WHERE name = %s)))",
-                (self.queue,),
-            )
+            created = await _count(conn, "ensure_history_partitions", {"days": 3})
+            dropped = await _count(conn, "drop_history_partitions", {"queue": self.queue})
             workers = await queries.execute(conn, "forget_dead_workers", {"grace": 60})
             conversations = await queries.execute(conn, "forget_idle_conversations", {})
             marked = await queries.execute(conn, "mark_stale_ready", {"queue": self.queue})
@@ -239,10 +233,6 @@ class Maintenance:
                 await asyncio.wait_for(stop.wait(), timeout=wait)
 
 
-async def _scalar(conn: queries.Conn, query: str, params: tuple[Any, ...] = ()) -> int:
-    cur = await conn.execute(query, params)
-    row = await cur.fetchone()
-    if row is None:
-        return 0
-    value = next(iter(row.values()))
-    return int(value or 0)
+async def _count(conn: queries.Conn, name: str, params: dict[str, Any]) -> int:
+    row = await queries.fetch_one(conn, name, params)
+    return int(row["n"] or 0) if row is not None else 0

@@ -348,8 +348,7 @@ async def _database_checks(settings: Settings) -> list[Check]:
         ]
     checks: list[Check] = []
     try:
-        cur = await conn.execute("SELECT current_setting('server_version') AS v")
-        version = (await cur.fetchone() or {}).get("v")
+        version = (await queries.fetch_one(conn, "server_version", {}) or {}).get("v")
         checks.append(Check(True, "database", f"reachable (PostgreSQL {version})"))
 
         head = migrate.head_revision()

@@ -1131,3 +1131,191 @@ LEFT JOIN pg_auth_members am ON am.roleid = g.oid
 LEFT JOIN pg_roles m ON m.oid = am.member
 WHERE g.rolname = ANY(%(roles)s)
 GROUP BY g.rolname;
+
+
+-- name: take_maintenance_lead
+-- One worker of all leads maintenance: the one whose lock connection holds this session
+-- lock (it goes with the connection, so a dead leader's successor takes over).
+SELECT pg_try_advisory_lock(%(key)s) AS ok;
+
+
+-- name: ensure_history_partitions
+-- History partitions for the next days (SECURITY DEFINER: the worker role may not CREATE).
+SELECT pgqueue.ensure_history_partitions(%(days)s) AS n;
+
+
+-- name: drop_history_partitions
+-- History partitions older than the queue's retention.
+SELECT pgqueue.drop_history_partitions(
+           now() - make_interval(days => (SELECT retention_days FROM pgqueue.queues
+                                          WHERE name = %(queue)s))) AS n;
+
+
+-- name: admin_tenants
+-- Tenants as operators see them, one (`id`) or all: never the auth token; sends in
+-- flight and finished ones from the views that count and sum them.
+SELECT t.id, t.name, t.account_sid, t.whatsapp_from, t.senders, t.max_concurrency,
+       t.rate_per_second, t.paused, t.pause_reason, t.fallback_content_sid,
+       t.fallback_variable, coalesce(f.n, 0) AS active, t.last_served_at,
+       coalesce(d.completed, 0) AS completed_total, coalesce(d.failed, 0) AS failed_total,
+       t.created_at
+FROM pgqueue.tenants t
+LEFT JOIN pgqueue.tenant_in_flight f ON f.tenant_id = t.id
+LEFT JOIN pgqueue.tenant_finished d ON d.tenant_id = t.id
+WHERE %(id)s::text IS NULL OR t.id = %(id)s
+ORDER BY t.id;
+
+
+-- name: admin_add_tenant
+-- A new tenant; no row back when the id is taken.
+INSERT INTO pgqueue.tenants (id, name, account_sid, auth_token, whatsapp_from, senders,
+                             max_concurrency, rate_per_second)
+VALUES (%(id)s, %(name)s, %(account_sid)s, %(auth_token)s, %(whatsapp_from)s,
+        %(senders)s, %(max_concurrency)s, %(rate_per_second)s)
+ON CONFLICT (id) DO NOTHING
+RETURNING id;
+
+
+-- name: admin_set_tenant
+-- Changes the columns named in %(set)s (others keep their values; a named column given
+-- NULL goes back to its default: the queue's limit, no own rate, no fallback).
+UPDATE pgqueue.tenants SET
+    name = CASE WHEN 'name' = ANY(%(set)s) THEN %(name)s ELSE name END,
+    account_sid = CASE WHEN 'account_sid' = ANY(%(set)s) THEN %(account_sid)s
+                       ELSE account_sid END,
+    auth_token = CASE WHEN 'auth_token' = ANY(%(set)s) THEN %(auth_token)s ELSE auth_token END,
+    whatsapp_from = CASE WHEN 'whatsapp_from' = ANY(%(set)s) THEN %(whatsapp_from)s
+                         ELSE whatsapp_from END,
+    senders = CASE WHEN 'senders' = ANY(%(set)s) THEN %(senders)s::text[] ELSE senders END,
+    max_concurrency = CASE WHEN 'max_concurrency' = ANY(%(set)s) THEN %(max_concurrency)s::int
+                           ELSE max_concurrency END,
+    rate_per_second = CASE WHEN 'rate_per_second' = ANY(%(set)s)
+                           THEN %(rate_per_second)s::float8 ELSE rate_per_second END,
+    fallback_content_sid = CASE WHEN 'fallback_content_sid' = ANY(%(set)s)
+                                THEN %(fallback_content_sid)s ELSE fallback_content_sid END,
+    fallback_variable = CASE WHEN 'fallback_variable' = ANY(%(set)s)
+                             THEN %(fallback_variable)s ELSE fallback_variable END,
+    paused = CASE WHEN 'paused' = ANY(%(set)s) THEN %(paused)s::boolean ELSE paused END,
+    pause_reason = CASE WHEN 'paused' = ANY(%(set)s) THEN %(pause_reason)s
+                        ELSE pause_reason END,
+    updated_at = now()
+WHERE id = %(id)s
+RETURNING id;
+
+
+-- name: notify_all_queues
+-- Wakes every queue's workers (a tenant resumed: its jobs are claimable again).
+SELECT pg_notify('pgqueue_' || name, '') FROM pgqueue.queues;
+
+
+-- name: admin_create_token
+-- A tenant's API token: only its hash and its first 12 characters are stored.
+INSERT INTO pgqueue.api_tokens (tenant_id, token_hash, prefix, expires_at)
+VALUES (%(tenant_id)s, %(token_hash)s, %(prefix)s,
+        now() + make_interval(days => %(expires_in_days)s));
+
+
+-- name: admin_tokens
+-- API tokens as `token list` shows them (never the hash), of one tenant or all, or those
+-- one reference names: its id, its prefix or its hash.
+SELECT id, prefix, tenant_id, created_at, expires_at, last_used_at, revoked_at,
+       CASE WHEN revoked_at IS NOT NULL THEN 'revoked'
+            WHEN expires_at <= now() THEN 'expired' ELSE 'active' END AS state
+FROM pgqueue.api_tokens
+WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)
+  AND (%(id)s::bigint IS NULL OR id = %(id)s)
+  AND (%(prefix)s::text IS NULL OR prefix = %(prefix)s)
+  AND (%(token_hash)s::text IS NULL OR token_hash = %(token_hash)s)
+ORDER BY tenant_id, id;
+
+
+-- name: admin_revoke_token
+-- Revokes a token at once; one revoked already keeps its moment.
+UPDATE pgqueue.api_tokens SET revoked_at = coalesce(revoked_at, now())
+WHERE id = %(id)s
+RETURNING id, prefix, tenant_id, revoked_at;
+
+
+-- name: admin_lock_auth_tokens
+-- Every tenant's stored auth token, rows locked for `tenant rotate-key`.
+SELECT id, auth_token FROM pgqueue.tenants ORDER BY id FOR NO KEY UPDATE;
+
+
+-- name: admin_store_auth_token
+UPDATE pgqueue.tenants SET auth_token = %(auth_token)s, updated_at = now() WHERE id = %(id)s;
+
+
+-- name: admin_queue
+-- A queue's limits, with its sends in flight.
+SELECT name, global_concurrency, tenant_concurrency, rate_per_second, retention_days,
+       message_type_priorities,
+       (SELECT count(*) FROM pgqueue.jobs j
+        WHERE j.queue = queues.name AND j.state = 'active')::int AS active
+FROM pgqueue.queues WHERE name = %(queue)s;
+
+
+-- name: admin_set_queue
+-- Changes the limits given (NULL: unchanged).
+UPDATE pgqueue.queues SET
+    global_concurrency = coalesce(%(global_concurrency)s::int, global_concurrency),
+    tenant_concurrency = coalesce(%(tenant_concurrency)s::int, tenant_concurrency),
+    rate_per_second = coalesce(%(rate_per_second)s::float8, rate_per_second),
+    retention_days = coalesce(%(retention_days)s::int, retention_days),
+    message_type_priorities = coalesce(%(message_type_priorities)s::jsonb,
+                                       message_type_priorities),
+    updated_at = now()
+WHERE name = %(queue)s;
+
+
+-- name: server_version
+SELECT current_setting('server_version') AS v;
+
+
+-- name: demo_verdict
+-- The demo's verdict on the sends it made through the sandbox: lost, FIFO, limits, rate.
+WITH sends AS (
+    SELECT s.job_id, s.tenant_id, s.started_at, s.created_at AS ended_at, h.conversation, h.seq
+    FROM pgqueue.sandbox_messages s
+    JOIN pgqueue.job_history h ON h.id = s.job_id AND h.state = 'completed'
+    WHERE s.job_id = ANY(%(ids)s)
+), edges AS (
+    SELECT tenant_id, started_at AS t, 1 AS d FROM sends
+    UNION ALL SELECT tenant_id, ended_at, -1 FROM sends
+), running AS (
+    SELECT tenant_id, sum(d) OVER (PARTITION BY tenant_id ORDER BY t, d
+                                   ROWS UNBOUNDED PRECEDING) AS n_tenant,
+           sum(d) OVER (ORDER BY t, d ROWS UNBOUNDED PRECEDING) AS n_global
+    FROM edges
+), fifo AS (
+    SELECT count(*) FILTER (WHERE seq < prev_seq OR started_at < prev_end) AS violations
+    FROM (SELECT seq, started_at,
+                 lag(seq) OVER w AS prev_seq, lag(ended_at) OVER w AS prev_end
+          FROM sends WINDOW w AS (PARTITION BY conversation ORDER BY started_at)) x
+), windows AS (
+    SELECT (SELECT count(*) FROM sends b
+            WHERE b.started_at >= a.started_at
+              AND b.started_at < a.started_at + interval '1 second') AS n
+    FROM sends a
+)
+SELECT
+  (SELECT count(*) FROM sends) AS delivered,
+  (SELECT violations FROM fifo) AS fifo_violations,
+  (SELECT coalesce(max(n_tenant), 0) FROM running) AS max_tenant,
+  (SELECT coalesce(max(n_global), 0) FROM running) AS max_global,
+  (SELECT coalesce(max(n), 0) FROM windows) AS max_per_second,
+  (SELECT count(*) FROM pgqueue.job_history
+   WHERE id = ANY(%(ids)s) AND state = 'completed' AND attempts > 1) AS retried,
+  (SELECT count(*) FROM pgqueue.job_history WHERE id = ANY(%(ids)s)) AS finished,
+  (SELECT count(*) FROM pgqueue.jobs WHERE id = ANY(%(ids)s)) AS unfinished,
+  (SELECT string_agg(DISTINCT last_error_code, ',') FROM pgqueue.job_history
+   WHERE id = ANY(%(ids)s) AND state = 'failed') AS dead_codes;
+
+
+-- name: demo_sends_last_second
+SELECT count(*) AS n FROM pgqueue.sandbox_messages
+WHERE started_at > clock_timestamp() - interval '1 second';
+
+
+-- name: demo_jobs_live
+-- How many of these jobs are still live (not yet finished).
+SELECT count(*) AS n FROM pgqueue.jobs WHERE id = ANY(%(ids)s);
