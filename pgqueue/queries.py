@@ -51,6 +51,11 @@ def statements() -> dict[str, str]:
     return out
 
 
+def channel(queue: str) -> str:
+    """The NOTIFY channel of a queue's workers, as pgqueue.channel() names it in SQL."""
+    return f"pgqueue_{queue}"
+
+
 def sql(name: str) -> str:
     try:
         return statements()[name]

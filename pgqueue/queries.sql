@@ -8,7 +8,7 @@
 -- lock: sends in flight are counted by the claim, not kept in counters, so they write
 -- no row a claim writes. Enqueue takes only its conversation row.
 -- Conversation advisory locks (session level, on each worker's lock connection) use the
--- bigint key hashtextextended(queue || chr(31) || conversation, 0).
+-- bigint key pgqueue.lock_key(queue, conversation) (migration 0012).
 
 
 -- name: ensure_queue
@@ -58,7 +58,7 @@ WITH allowed AS (
 SELECT job.id, job.state, job.run_at, job.created_at, conv.pending - 1 AS ahead,
        -- Only a new head can be claimed now: the others wait for a promotion, which
        -- notifies itself. NOTIFY serialises commits, so it is not sent for nothing.
-       CASE WHEN conv.pending = 1 THEN pg_notify('pgqueue_' || %(queue)s, '') END AS notified
+       CASE WHEN conv.pending = 1 THEN pg_notify(pgqueue.channel(%(queue)s), '') END AS notified
 FROM job, conv;
 
 
@@ -108,7 +108,7 @@ WITH types AS (
 SELECT job.id, job.state, job.run_at, job.created_at,
        row_number() OVER (PARTITION BY job.conversation ORDER BY job.seq)
            + conv.pending - counts.n - 1 AS ahead,
-       CASE WHEN conv.pending = counts.n THEN pg_notify('pgqueue_' || %(queue)s, '') END
+       CASE WHEN conv.pending = counts.n THEN pg_notify(pgqueue.channel(%(queue)s), '') END
            AS notified
 FROM job
 JOIN conv USING (conversation)
@@ -349,8 +349,8 @@ SELECT c.id, c.queue, c.tenant_id, c.conversation, c.priority, c.to_number, c.fr
        (SELECT n FROM free_global) - (SELECT count(*) FROM claimed)::int AS global_free,
        t.account_sid, t.auth_token, t.whatsapp_from, t.fallback_content_sid,
        t.fallback_variable,
-       hashtextextended(c.queue || chr(31) || c.conversation, 0) AS lock_key,
-       pg_try_advisory_lock(hashtextextended(c.queue || chr(31) || c.conversation, 0)) AS locked
+       pgqueue.lock_key(c.queue, c.conversation) AS lock_key,
+       pg_try_advisory_lock(pgqueue.lock_key(c.queue, c.conversation)) AS locked
 FROM claimed c
 CROSS JOIN LATERAL (SELECT * FROM pgqueue.tenants x WHERE x.id = c.tenant_id OFFSET 0) t
 CROSS JOIN q
@@ -371,7 +371,7 @@ ORDER BY c.slot;
 SELECT (SELECT count(*) FILTER (WHERE pg_advisory_unlock(k))
         FROM unnest(%(release)s::bigint[]) AS k) AS released,
        CASE WHEN %(notify)s::text IS NOT NULL
-            THEN pg_notify('pgqueue_' || %(queue)s, %(notify)s::text) END AS notified,
+            THEN pg_notify(pgqueue.channel(%(queue)s), %(notify)s::text) END AS notified,
        extract(epoch FROM q.rate_tat - clock_timestamp())::float8 AS rate_wait,
        (SELECT extract(epoch FROM min(j.run_at) - clock_timestamp())::float8
         FROM pgqueue.jobs j
@@ -452,7 +452,7 @@ WITH input AS (
     -- by backend pid), so completions of different workers never wait for each other's
     -- rows; rows in key order, so they cannot deadlock when two sessions share a shard.
     INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, completed, failed)
-    SELECT tenant_id, pg_backend_pid() %% 16,
+    SELECT tenant_id, pgqueue.counter_shard(),
            count(*) FILTER (WHERE outcome = 'completed'),
            count(*) FILTER (WHERE outcome = 'failed')
     FROM finished
@@ -493,7 +493,7 @@ WHERE j.id = nxt.id AND NOT nxt.is_head;
 -- name: retake_locks
 -- After the lock connection was lost (network blip, database restart): take back the
 -- conversation locks of the jobs this worker still holds under its claim tokens.
-SELECT j.id, pg_try_advisory_lock(hashtextextended(j.queue || chr(31) || j.conversation, 0))
+SELECT j.id, pg_try_advisory_lock(pgqueue.lock_key(j.queue, j.conversation))
            AS locked
 FROM pgqueue.jobs j
 WHERE j.claim_token = ANY(%(tokens)s::uuid[]) AND j.state = 'active';
@@ -521,7 +521,7 @@ WHERE j.queue = %(queue)s AND j.state = 'active'
         WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND ((l.classid::bigint << 32) | l.objid::bigint)
-              = hashtextextended(j.queue || chr(31) || j.conversation, 0))
+              = pgqueue.lock_key(j.queue, j.conversation))
     )
   );
 
@@ -627,7 +627,7 @@ ON CONFLICT (tenant_id, phone_number) DO NOTHING;
 -- name: notify_queue
 -- Wakes the queue's workers (slots freed, tenant resumed, job retried by an operator).
 -- The payload names the worker that sent it (it ignores its own), or is empty.
-SELECT pg_notify('pgqueue_' || %(queue)s, coalesce(%(payload)s::text, ''));
+SELECT pg_notify(pgqueue.channel(%(queue)s), coalesce(%(payload)s::text, ''));
 
 
 -- name: get_job
@@ -685,11 +685,11 @@ WITH dead AS (
     RETURNING id, tenant_id
 ), failed_counts AS (
     INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, failed)
-    SELECT tenant_id, pg_backend_pid() %% 16, -count(*) FROM revived
+    SELECT tenant_id, pgqueue.counter_shard(), -count(*) FROM revived
     GROUP BY tenant_id ORDER BY tenant_id
     ON CONFLICT (tenant_id, shard) DO UPDATE SET failed = tt.failed + excluded.failed
 )
-SELECT id, pg_notify('pgqueue_' || %(queue)s, '') AS notified FROM revived;
+SELECT id, pg_notify(pgqueue.channel(%(queue)s), '') AS notified FROM revived;
 
 
 -- name: lock_job_conversation
@@ -752,7 +752,7 @@ WITH gone AS (
     RETURNING h.tenant_id
 ), failed_counts AS (
     INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, failed)
-    SELECT tenant_id, pg_backend_pid() %% 16, -count(*) FROM gone
+    SELECT tenant_id, pgqueue.counter_shard(), -count(*) FROM gone
     GROUP BY tenant_id ORDER BY tenant_id
     ON CONFLICT (tenant_id, shard) DO UPDATE SET failed = tt.failed + excluded.failed
 )
@@ -920,27 +920,29 @@ WITH incoming AS (
 ), finished AS (
     UPDATE pgqueue.job_history h
     SET provider_status = i.status,
-        last_error_code = CASE WHEN i.rank = 9 THEN coalesce(%(error_code)s, h.last_error_code)
+        last_error_code = CASE WHEN i.rank = pgqueue.failed_rank() THEN coalesce(%(error_code)s, h.last_error_code)
                                ELSE h.last_error_code END
     FROM incoming i
     WHERE h.provider_sid = %(sid)s AND h.tenant_id = %(tenant_id)s
       AND pgqueue.provider_status_rank(h.provider_status)
-          < CASE WHEN i.rank = 9 THEN 5 ELSE i.rank END
-      AND NOT (i.rank = 9 AND EXISTS (
+          < CASE WHEN i.rank = pgqueue.failed_rank() THEN pgqueue.delivered_rank() ELSE i.rank END
+      AND NOT (i.rank = pgqueue.failed_rank() AND EXISTS (
           SELECT FROM pgqueue.early_statuses e
           WHERE e.tenant_id = %(tenant_id)s AND e.provider_sid = %(sid)s
-            AND pgqueue.provider_status_rank(e.status) IN (5, 6)))
+            AND pgqueue.provider_status_rank(e.status) >= pgqueue.delivered_rank()
+            AND pgqueue.provider_status_rank(e.status) < pgqueue.failed_rank()))
     RETURNING h.id, h.to_number
 ), held AS (
     INSERT INTO pgqueue.early_statuses AS e (tenant_id, provider_sid, status, error_code)
-    SELECT %(tenant_id)s, %(sid)s, i.status, CASE WHEN i.rank = 9 THEN %(error_code)s END
+    SELECT %(tenant_id)s, %(sid)s, i.status, CASE WHEN i.rank = pgqueue.failed_rank() THEN %(error_code)s END
     FROM incoming i
     WHERE NOT EXISTS (SELECT FROM pgqueue.job_history h
                       WHERE h.provider_sid = %(sid)s AND h.tenant_id = %(tenant_id)s)
     ON CONFLICT (tenant_id, provider_sid) DO UPDATE
     SET status = excluded.status, error_code = coalesce(excluded.error_code, e.error_code)
     WHERE pgqueue.provider_status_rank(e.status)
-          < CASE WHEN pgqueue.provider_status_rank(excluded.status) = 9 THEN 5
+          < CASE WHEN pgqueue.provider_status_rank(excluded.status) = pgqueue.failed_rank()
+                 THEN pgqueue.delivered_rank()
                  ELSE pgqueue.provider_status_rank(excluded.status) END
     RETURNING e.provider_sid
 )
@@ -962,13 +964,15 @@ WITH matched AS (
 ), applied AS (
     UPDATE pgqueue.job_history h
     SET provider_status = m.status,
-        last_error_code = CASE WHEN pgqueue.provider_status_rank(m.status) = 9
+        last_error_code = CASE WHEN pgqueue.provider_status_rank(m.status)
+                                    = pgqueue.failed_rank()
                                THEN coalesce(m.error_code, h.last_error_code)
                                ELSE h.last_error_code END
     FROM matched m
     WHERE h.id = m.id AND h.finished_at = m.finished_at
       AND pgqueue.provider_status_rank(h.provider_status)
-          < CASE WHEN pgqueue.provider_status_rank(m.status) = 9 THEN 5
+          < CASE WHEN pgqueue.provider_status_rank(m.status) = pgqueue.failed_rank()
+                 THEN pgqueue.delivered_rank()
                  ELSE pgqueue.provider_status_rank(m.status) END
     RETURNING h.id, h.tenant_id, h.to_number, h.provider_status, h.last_error_code
 ), forgotten AS (
@@ -1205,7 +1209,7 @@ RETURNING id;
 
 -- name: notify_all_queues
 -- Wakes every queue's workers (a tenant resumed: its jobs are claimable again).
-SELECT pg_notify('pgqueue_' || name, '') FROM pgqueue.queues;
+SELECT pg_notify(pgqueue.channel(name), '') FROM pgqueue.queues;
 
 
 -- name: admin_create_token

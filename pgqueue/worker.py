@@ -159,7 +159,7 @@ class Worker:
             asyncio.create_task(
                 listen(
                     self.url,
-                    f"pgqueue_{cfg.queue}",
+                    queries.channel(cfg.queue),
                     dispatcher.wake,
                     self.stop,
                     cfg.application_name,
