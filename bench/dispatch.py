@@ -169,7 +169,7 @@ def runs_note(values: Sequence[float], digits: int = 0, unit: str = "") -> str:
 
 
 async def rate_once(ctx: Ctx, run: int) -> dict[str, float]:
-    from tests.recording import max_overlap, max_starts_per_window, read_sends
+    from tests.support.recording import max_overlap, max_starts_per_window, read_sends
 
     q = ctx.args.quick
     per_conv = 2 if q else 8
@@ -812,7 +812,7 @@ async def pickup_once(ctx: Ctx, run: int, n: int) -> dict[str, list[float]]:
     from pgqueue.db import connect
     from pgqueue.enqueue import enqueue_whatsapp_send
     from pgqueue.models import Message
-    from tests.recording import read_sends
+    from tests.support.recording import read_sends
 
     db = ctx.db
     db.prepare(tenants=10, limits=Limits(rate=1e6, global_concurrency=20, tenant_concurrency=5))
@@ -922,7 +922,7 @@ async def fairness_once(
     from pgqueue.db import connect
     from pgqueue.enqueue import enqueue_whatsapp_send
     from pgqueue.models import Message
-    from tests.recording import read_sends
+    from tests.support.recording import read_sends
 
     db = ctx.db
     db.prepare(tenants=11, limits=DEFAULT_LIMITS)

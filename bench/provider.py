@@ -83,7 +83,7 @@ def main() -> None:
         [
             sys.executable,
             "-m",
-            "tests.fake_twilio",
+            "tests.support.fake_twilio",
             "--port",
             "0",
             "--account",

@@ -19,7 +19,7 @@ server of `--database-url`, else DATABASE_URL, else pgqueue's embedded server:
   of sending, whichever comes first.
 
 A start is when the request's first segment reaches the fake's port, stamped by the
-kernel (tcpdump, tests/kernel_stamps.py); the request line names the AccountSid, hence
+kernel (tcpdump, tests/support/kernel_stamps.py); the request line names the AccountSid, hence
 the tenant. Printed per run and as the median of the runs, from those stamps and again
 from the fake's own (taken in its event loop, which a busy machine delays):
 
@@ -58,7 +58,7 @@ from pgqueue.db import connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the harness and the fake Twilio live in tests/
 
-from tests.chaos.harness import (  # noqa: E402
+from tests.support.harness import (  # noqa: E402
     QUEUE,
     Planned,
     Rec,

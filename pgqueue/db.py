@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from psycopg.rows import dict_row
@@ -100,10 +101,14 @@ def as_url(conninfo: str) -> str:
     if conninfo.startswith(("postgresql://", "postgres://")):
         return conninfo
     p = psycopg.conninfo.conninfo_to_dict(conninfo)
-    return (
-        f"postgresql://{p.get('user', 'postgres')}@/{p.get('dbname', 'postgres')}"
-        f"?host={p['host']}&port={p.get('port', 5432)}"
-    )
+    user = quote(str(p.get("user") or "postgres"), safe="")
+    password = f":{quote(str(p['password']), safe='')}" if p.get("password") else ""
+    host = str(p.get("host") or "127.0.0.1")
+    port = p.get("port") or 5432
+    dbname = quote(str(p.get("dbname") or "postgres"), safe="")
+    if host.startswith("/"):
+        return f"postgresql://{user}{password}@/{dbname}?host={quote(host)}&port={port}"
+    return f"postgresql://{user}{password}@{host}:{port}/{dbname}"
 
 
 def sqlalchemy_url(url: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import PrivateServer
+from tests.support.harness import PrivateServer
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import BrownoutConfig, Workload, explain, markdown, scenario_brownout
+from tests.support.harness import BrownoutConfig, Workload, explain, markdown, scenario_brownout
 
 
 @pytest.mark.chaos

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import (
+from tests.support.harness import (
     PrivateServer,
     RestartConfig,
     Workload,

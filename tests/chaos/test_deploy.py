@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import DeployConfig, Workload, explain, markdown, scenario_deploy
+from tests.support.harness import DeployConfig, Workload, explain, markdown, scenario_deploy
 
 
 @pytest.mark.chaos

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import KillConfig, Workload, explain, markdown, scenario_kill
+from tests.support.harness import KillConfig, Workload, explain, markdown, scenario_kill
 
 
 @pytest.mark.chaos

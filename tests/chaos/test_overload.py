@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import OverloadConfig, Workload, explain, markdown, scenario_overload
+from tests.support.harness import OverloadConfig, Workload, explain, markdown, scenario_overload
 
 
 @pytest.mark.chaos

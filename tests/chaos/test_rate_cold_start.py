@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import (
+from tests.support.harness import (
     Workload,
     add_tenants,
     analyse,

@@ -24,8 +24,8 @@ from pgqueue.db import connect, make_pool
 from pgqueue.dispatcher import Dispatcher, DispatcherConfig
 from pgqueue.maintenance import Maintenance
 from pgqueue.statuses import apply_early_statuses
-from tests.fake_twilio import FakeTwilio
-from tests.helpers import ACCOUNT, add_tenants, phone, running_worker, wait_until_drained
+from tests.support.fake_twilio import FakeTwilio
+from tests.support.helpers import ACCOUNT, add_tenants, phone, running_worker, wait_until_drained
 
 ADMIN = "admin-token-for-tests-0123456789"
 PUBLIC = "https://queue.example.com"
@@ -552,7 +552,7 @@ async def test_status_callbacks_are_signed_move_forward_only_and_repeat_safely(
         await wait_until_drained(api.conn, 20)
     job = (await api.client.get(f"/api/jobs/{job_id}", headers=api.auth())).json()
     sid, path = job["providerSid"], "/api/twilio/status/t0"
-    token = "secret-token-t0"  # tests.helpers gives each tenant this auth token
+    token = "secret-token-t0"  # tests.support.helpers gives each tenant this auth token
 
     async def callback(status: str, *, code: str | None = None, sign: str = token) -> int:
         form = {"MessageSid": sid, "MessageStatus": status, "AccountSid": ACCOUNT}

@@ -5,93 +5,22 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 
 from pgqueue import admin, migrate
 from pgqueue.db import with_dbname
-from tests.fake_twilio import FakeTwilio
-from tests.helpers import add_tenants, phone
+from tests.support.fake_twilio import FakeTwilio
+from tests.support.helpers import add_tenants, phone
+from tests.support.net import free_port
+from tests.support.serve import ADMIN, serving
 
 REPO = Path(__file__).resolve().parents[2]
-ADMIN = "admin-token-for-process-tests-0123"
-
-
-def as_url(dsn: str) -> str:
-    """DATABASE_URL must be a postgresql:// URL; the fixtures give key=value DSNs."""
-    p = psycopg.conninfo.conninfo_to_dict(dsn)
-    return f"postgresql://{p['user']}@/{p['dbname']}?host={p['host']}&port={p.get('port', 5432)}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@asynccontextmanager
-async def serving(
-    db_url: str, tmp_path: Path, *, port: int | None = None, **env: str
-) -> AsyncIterator[tuple[httpx.AsyncClient, subprocess.Popen[bytes], Path]]:
-    """`pgqueue serve` until the block ends; yields a client, the process and its log."""
-    port = port or free_port()
-    log = tmp_path / f"serve-{port}.log"
-    environ = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("PGQUEUE_", "TWILIO_"))},
-        "DATABASE_URL": as_url(db_url),
-        "PGQUEUE_ADMIN_TOKEN": ADMIN,
-        "PYTHONUNBUFFERED": "1",
-        **env,
-    }
-    environ.pop("REDIS_URL", None)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pgqueue.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=REPO,
-            env=environ,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"pgqueue serve did not start:\n{log.read_text()}")
-                await asyncio.sleep(0.1)
-            yield client, proc, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, 15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 async def test_serve_answers_over_http_and_stops_cleanly_on_sigterm(
@@ -254,7 +183,7 @@ async def test_a_status_twilio_posts_before_its_own_answer_is_not_lost(
     from pgqueue.config import Settings
     from pgqueue.dispatcher import DispatcherConfig
     from pgqueue.worker import Worker, default_provider
-    from tests.helpers import ACCOUNT, wait_until_drained
+    from tests.support.helpers import ACCOUNT, wait_until_drained
 
     await add_tenants(conn, 1)
     token = await admin.create_token(conn, "t0")

@@ -18,8 +18,8 @@ from pgqueue import queries
 from pgqueue.db import connect, make_pool
 from pgqueue.maintenance import Rescuer
 from pgqueue.models import Message
-from tests.helpers import REPO, add_tenants, phone, send, send_many, wait_until_drained
-from tests.recording import max_overlap, read_sends
+from tests.support.helpers import REPO, add_tenants, phone, send, send_many, wait_until_drained
+from tests.support.recording import max_overlap, read_sends
 
 
 async def q(conn: Any, query: str, *params: Any) -> list[dict[str, Any]]:
@@ -125,7 +125,7 @@ def start_worker(url: str, record: Path, *extra: str) -> subprocess.Popen[bytes]
         [
             sys.executable,
             "-m",
-            "tests.worker_harness",
+            "tests.support.worker_harness",
             "--url",
             url,
             "--record",

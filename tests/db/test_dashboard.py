@@ -21,7 +21,14 @@ from pgqueue.config import Settings
 from pgqueue.dashboard import link_key, signed_query
 from pgqueue.db import as_url
 from pgqueue.models import Message
-from tests.helpers import REPO, add_tenants, phone, running_worker, send_many, wait_until_drained
+from tests.support.helpers import (
+    REPO,
+    add_tenants,
+    phone,
+    running_worker,
+    send_many,
+    wait_until_drained,
+)
 
 ADMIN = "dashboard-admin-token-0123"
 KEY = link_key(Settings(admin_token=ADMIN)) or b""

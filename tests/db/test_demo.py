@@ -23,7 +23,7 @@ async def test_demo_runs_and_every_guarantee_holds(db_url: str, tmp_path: Path) 
 
 async def test_verdicts_catch_a_broken_guarantee(db_url: str, tmp_path: Path) -> None:
     from pgqueue.db import connect
-    from tests.helpers import add_tenants
+    from tests.support.helpers import add_tenants
 
     conn = await connect(db_url)
     try:

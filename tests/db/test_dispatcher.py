@@ -10,8 +10,8 @@ from typing import Any
 from pgqueue import queries
 from pgqueue.db import connect
 from pgqueue.models import Message
-from tests.helpers import add_tenants, phone, running_worker, send_many, wait_until_drained
-from tests.recording import max_overlap, read_sends
+from tests.support.helpers import add_tenants, phone, running_worker, send_many, wait_until_drained
+from tests.support.recording import max_overlap, read_sends
 
 
 async def test_all_jobs_are_sent_once_in_conversation_order(
@@ -228,7 +228,7 @@ async def test_rate_limit_window(db_url: str, conn: Any, tmp_path: Path) -> None
     async with running_worker(db_url, record):
         await wait_until_drained(conn, 30)
     sends = read_sends(record)
-    from tests.recording import max_starts_per_window
+    from tests.support.recording import max_starts_per_window
 
     assert max_starts_per_window(sends) <= 40
     span = sends[-1].start - sends[0].start

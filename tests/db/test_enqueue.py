@@ -13,7 +13,7 @@ from pgqueue.db import connect
 from pgqueue.enqueue import BatchValidationError, enqueue_whatsapp_send, enqueue_whatsapp_send_batch
 from pgqueue.errors import ValidationError
 from pgqueue.models import Message
-from tests.helpers import add_tenants, phone, send
+from tests.support.helpers import add_tenants, phone, send
 
 
 async def rows(conn: Any, query: str, *params: Any) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pgqueue.logs import JsonFormatter, PlainFormatter
-from tests.helpers import add_tenants, running_worker, send, wait_until_drained
+from tests.support.helpers import add_tenants, running_worker, send, wait_until_drained
 
 
 def job_events(caplog: pytest.LogCaptureFixture) -> list[tuple[logging.LogRecord, dict[str, Any]]]:

@@ -14,8 +14,8 @@ from pgqueue import jobs, queries
 from pgqueue.db import connect
 from pgqueue.errors import NotFoundError, ValidationError
 from pgqueue.models import Message
-from tests.helpers import add_tenants, phone, running_worker, send_many, wait_until_drained
-from tests.recording import read_sends
+from tests.support.helpers import add_tenants, phone, running_worker, send_many, wait_until_drained
+from tests.support.recording import read_sends
 
 Q = "whatsapp-send"
 

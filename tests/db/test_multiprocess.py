@@ -18,8 +18,8 @@ import pytest
 from pgqueue.models import Message
 from tests.db.test_crash_safety import start_worker
 from tests.db.test_dispatcher import counters_match
-from tests.helpers import add_tenants, phone, send_many, wait_until_drained
-from tests.recording import max_overlap, read_sends
+from tests.support.helpers import add_tenants, phone, send_many, wait_until_drained
+from tests.support.recording import max_overlap, read_sends
 
 
 @pytest.mark.slow

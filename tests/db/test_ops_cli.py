@@ -23,7 +23,14 @@ from pgqueue.config import Settings
 from pgqueue.db import as_url
 from pgqueue.metrics import get_queue_metrics
 from pgqueue.models import Message
-from tests.helpers import add_tenants, phone, running_worker, send, send_many, wait_until_drained
+from tests.support.helpers import (
+    add_tenants,
+    phone,
+    running_worker,
+    send,
+    send_many,
+    wait_until_drained,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 ADMIN = "admin-token-for-cli-tests-0123456"

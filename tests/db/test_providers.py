@@ -1,4 +1,4 @@
-"""Providers end to end: the real Twilio SDK over loopback against tests/fake_twilio.py
+"""Providers end to end: the real Twilio SDK over loopback against tests/support/fake_twilio.py
 (no mocks), and the sandbox provider against a real PostgreSQL."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pgqueue.errors import PermanentSendError, TenantSendError, TransientSendErr
 from pgqueue.models import Job
 from pgqueue.providers.sandbox import SandboxProvider
 from pgqueue.providers.twilio import TwilioProvider
-from tests.fake_twilio import FakeTwilio
+from tests.support.fake_twilio import FakeTwilio
 
 ACCOUNT = "AC" + "1" * 32
 TOKEN = "tok_" + "s3cr3t" * 5
@@ -410,7 +410,7 @@ async def test_fake_twilio_runs_as_a_process_and_records_json_lines(tmp_path: Pa
         [
             sys.executable,
             "-m",
-            "tests.fake_twilio",
+            "tests.support.fake_twilio",
             "--port",
             "0",
             "--latency",

@@ -16,7 +16,7 @@ from pgqueue.db import connect
 from pgqueue.dispatcher import Dispatcher, DispatcherConfig
 from pgqueue.maintenance import Maintenance
 from pgqueue.models import Message
-from tests.helpers import (
+from tests.support.helpers import (
     ACCOUNT,
     add_tenants,
     phone,
@@ -25,7 +25,7 @@ from tests.helpers import (
     send_many,
     wait_until_drained,
 )
-from tests.recording import read_sends
+from tests.support.recording import read_sends
 
 QUEUE = "whatsapp-send"
 H = queries.RATE_HEADROOM

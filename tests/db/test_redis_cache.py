@@ -23,15 +23,10 @@ from psycopg_pool import AsyncConnectionPool
 from pgqueue import admin
 from pgqueue.api import Cache, create_app
 from pgqueue.config import Settings
-from tests.helpers import add_tenants, phone
+from tests.support.helpers import add_tenants, phone
+from tests.support.net import free_port
 
 ADMIN = "admin-token-for-redis-tests-0123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _client(

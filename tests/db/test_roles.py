@@ -22,13 +22,15 @@ import pytest
 from pgqueue import admin, cli
 from pgqueue.config import Settings
 from pgqueue.dashboard import dashboard_url
+from pgqueue.db import as_url
 from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.errors import PgQueueError
 from pgqueue.providers.default import default_provider
 from pgqueue.worker import Worker
-from tests.db.test_api_process import ADMIN, as_url, free_port, serving
-from tests.fake_twilio import FakeTwilio
-from tests.helpers import ACCOUNT, phone
+from tests.support.fake_twilio import FakeTwilio
+from tests.support.helpers import ACCOUNT, phone
+from tests.support.net import free_port
+from tests.support.serve import ADMIN, serving
 
 OTHER_ACCOUNT = "AC" + "1" * 32
 VIEWS = ("jobs_overview", "tenant_active", "tenant_in_flight", "tenant_finished")

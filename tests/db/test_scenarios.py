@@ -12,8 +12,8 @@ import pytest
 
 from pgqueue.models import Message
 from tests.db.test_dispatcher import counters_match
-from tests.helpers import add_tenants, phone, running_worker, send_many, wait_until_drained
-from tests.recording import Send, max_overlap, max_starts_per_window, read_sends
+from tests.support.helpers import add_tenants, phone, running_worker, send_many, wait_until_drained
+from tests.support.recording import Send, max_overlap, max_starts_per_window, read_sends
 
 LATENCY = (0.02, 0.05)
 

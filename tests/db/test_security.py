@@ -15,7 +15,7 @@ from pgqueue.api import create_app
 from pgqueue.config import Settings
 from tests.db.test_api import ADMIN, PUBLIC, Api, _client
 from tests.db.test_ops_cli import pgqueue
-from tests.helpers import ACCOUNT, phone
+from tests.support.helpers import ACCOUNT, phone
 
 SENDER = {"ta": "+14155550101", "tb": "+14155550102"}
 FAR = (datetime.now(UTC) + timedelta(days=300)).isoformat()

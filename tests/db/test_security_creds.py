@@ -32,9 +32,9 @@ from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.providers.default import default_provider
 from pgqueue.worker import Worker
 from tests.db.test_api import PUBLIC, _signed
-from tests.db.test_api_process import serving
-from tests.fake_twilio import FakeTwilio
-from tests.helpers import ACCOUNT, add_tenants, phone, send, wait_until_drained
+from tests.support.fake_twilio import FakeTwilio
+from tests.support.helpers import ACCOUNT, add_tenants, phone, send, wait_until_drained
+from tests.support.serve import serving
 
 TWILIO_TOKEN = "twilio-auth-token-0123456789"
 KEY1 = Fernet.generate_key().decode()

@@ -29,7 +29,7 @@ from pgqueue.dashboard import MAX_TTL_S, Scope, link_key, sign, signed_query
 from pgqueue.errors import PgQueueError
 from pgqueue.statuses import apply_early_statuses
 from tests.db.test_api import ADMIN, PUBLIC, Api, _provider_status, _signed
-from tests.helpers import ACCOUNT, add_tenants, phone, running_worker, wait_until_drained
+from tests.support.helpers import ACCOUNT, add_tenants, phone, running_worker, wait_until_drained
 
 DASHBOARD_KEY = "dashboard-key-for-tests-0123456789abcdef"
 

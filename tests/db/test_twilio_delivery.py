@@ -18,8 +18,8 @@ from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.errors import ValidationError
 from pgqueue.providers.default import default_provider
 from pgqueue.worker import Worker
-from tests.fake_twilio import FakeTwilio
-from tests.helpers import ACCOUNT, add_tenants, phone, send, wait_until_drained
+from tests.support.fake_twilio import FakeTwilio
+from tests.support.helpers import ACCOUNT, add_tenants, phone, send, wait_until_drained
 
 TEMPLATE = "HX" + "c" * 32
 

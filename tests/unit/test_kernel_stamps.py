@@ -1,4 +1,4 @@
-"""tests/kernel_stamps.py's reading of captures, on pcap and pcapng files built here (no
+"""tests/support/kernel_stamps.py's reading of captures, on pcap and pcapng files built here (no
 tcpdump, no network)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from tests.kernel_stamps import read_segments, requests
+from tests.support.kernel_stamps import read_segments, requests
 
 PORT = 8111
 BODY = b"To=whatsapp%3A%2B14155550101&From=whatsapp%3A%2B14155550100&Body=chaos+message+m7"

@@ -1,4 +1,4 @@
-"""A real worker process with the recording provider: `python -m tests.worker_harness`.
+"""A real worker process with the recording provider: `python -m tests.support.worker_harness`.
 
 Used by the multi-process and crash tests; everything but the provider is the
 production worker (signals, LISTEN, rescuer, maintenance, drain).
@@ -13,7 +13,7 @@ from pgqueue.config import Settings
 from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.logs import setup_logging
 from pgqueue.worker import Worker, install_signal_handlers, run_loop
-from tests.recording import RecordingProvider
+from tests.support.recording import RecordingProvider
 
 
 async def main() -> int:

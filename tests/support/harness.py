@@ -1,7 +1,7 @@
 """The reliability suite's machinery: real processes, faults, and a verdict computed from
 what the fake provider recorded (issue 6).
 
-Each scenario drives a fake Twilio process (`python -m tests.fake_twilio`, one JSON
+Each scenario drives a fake Twilio process (`python -m tests.support.fake_twilio`, one JSON
 line per request with its arrival and answer times), 3-4 `pgqueue worker` processes and,
 where the scenario is about the API, a `pgqueue serve` process; it injects its fault,
 waits until the queue has drained and returns a `Result`: the figures, what the
@@ -18,7 +18,7 @@ What "broken" means (DESIGN.md G1-G9), always judged from the provider's side:
 * overlap: two requests of one conversation at the provider at the same time;
 * limits: more than 5 requests of a tenant (its account) or 20 overall at once, more
   than 80 starts in any 1-second window: a start is stamped by the kernel as the
-  request's first segment reaches the fake's port (tcpdump, tests/kernel_stamps.py); the
+  request's first segment reaches the fake's port (tcpdump, tests/support/kernel_stamps.py); the
   fake's own arrival stamps, taken in its busy event loop, are reported beside them and
   judged only where tcpdump is unavailable;
 * afterwards: a job still live or active, a counter (the tenants' finished totals,
@@ -36,7 +36,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,8 @@ from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.enqueue import enqueue_whatsapp_send_batch
 from pgqueue.models import Message
 from pgqueue.providers import WIRE_LATE_LOG_S
-from tests.kernel_stamps import Capture, KernelStamps, KernelStampsUnavailable
+from tests.support.kernel_stamps import Capture, KernelStamps, KernelStampsUnavailable
+from tests.support.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 QUEUE = "whatsapp-send"
@@ -112,12 +112,6 @@ def child_env(url: str, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- a private PostgreSQL that a scenario may stop and start ---------------------------
@@ -599,7 +593,7 @@ class Cluster:
             "fake-twilio",
             [
                 "-m",
-                "tests.fake_twilio",
+                "tests.support.fake_twilio",
                 "--port",
                 "0",
                 "--latency",

@@ -12,7 +12,7 @@ In a test (the server runs on its own event loop in a background thread)::
 
 As a process (another process reads the JSON lines)::
 
-    python -m tests.fake_twilio --port 8111 --latency 0.15 --record /tmp/twilio.jsonl
+    python -m tests.support.fake_twilio --port 8111 --latency 0.15 --record /tmp/twilio.jsonl
 
 With no account registered every well-formed Basic auth is accepted; once one is, only
 registered (account SID, auth token) pairs are, and others get Twilio's 401 / 20003.

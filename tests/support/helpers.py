@@ -15,9 +15,9 @@ from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.enqueue import enqueue_whatsapp_send, enqueue_whatsapp_send_batch
 from pgqueue.models import Enqueued, Message
 from pgqueue.worker import Worker
-from tests.recording import RecordingProvider
+from tests.support.recording import RecordingProvider
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ACCOUNT = "AC" + "0" * 32
 
 
