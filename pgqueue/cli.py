@@ -15,13 +15,14 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.table import Table
 
-from pgqueue import admin, api, demo, migrate, ops_cli, worker
-from pgqueue.api import LOCAL_TOKEN_TTL_S, TOKEN_TTL_S
+from pgqueue import admin, demo, migrate, ops_cli, worker
 from pgqueue.config import Settings
 from pgqueue.credentials import Keyring
 from pgqueue.dashboard import dashboard_url, ttl_hours
 from pgqueue.db import connect, resolve_database_url, stop_embedded
 from pgqueue.errors import EXIT_USAGE, PgQueueError, exit_code
+from pgqueue.http import serve
+from pgqueue.http.auth import LOCAL_TOKEN_TTL_S, TOKEN_TTL_S
 
 # A command: the parsed arguments and the settings from the environment in, exit code out.
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -465,7 +466,7 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    return api.serve(settings, host=args.host, port=args.port)
+    return serve(settings, host=args.host, port=args.port)
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:

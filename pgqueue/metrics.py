@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import queries
@@ -82,3 +84,122 @@ async def get_queue_metrics(
         finally:
             await conn.close()
     return await queue_metrics(source, name, tenant_id=tenant_id)
+
+
+# -- Prometheus: the queue as the database sees it, at scrape time --------------------
+
+
+async def queue_snapshot(conn: queries.Conn, queue: str) -> dict[str, Any]:
+    params = {"queue": queue, "tenant_id": None}
+    return {
+        "counts": await queries.fetch_one(conn, "api_queue_counts", params) or {},
+        "state": await queries.fetch_one(conn, "api_queue_state", params),
+        "tenants": await queries.fetch_all(conn, "api_tenants", params),
+        "failures": await queries.fetch_all(conn, "api_recent_failures", params),
+        "retrying": await queries.fetch_all(conn, "api_retrying_by_code", params),
+    }
+
+
+class SnapshotCollector:
+    """The queue as the database sees it at scrape time (all processes, all hosts)."""
+
+    def __init__(self, snapshot: dict[str, Any], queue: str) -> None:
+        self.snapshot = snapshot
+        self.queue = queue
+
+    @classmethod
+    def registry(cls, snapshot: dict[str, Any], queue: str) -> Any:
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(cls(snapshot, queue))
+        return reg
+
+    def collect(self) -> Any:
+        q = self.queue
+        counts = self.snapshot["counts"]
+        depth = GaugeMetricFamily("pgqueue_jobs", "Live jobs by state", labels=["queue", "state"])
+        for state in ("waiting", "delayed", "active"):
+            depth.add_metric([q, state], float(counts.get(state) or 0))
+        yield depth
+
+        sends = CounterMetricFamily(
+            "pgqueue_sends_completed",
+            "Messages the provider accepted, per tenant",
+            labels=["queue", "tenant"],
+        )
+        dead = GaugeMetricFamily(
+            "pgqueue_dead_letters",
+            "Failed jobs kept (dead letters), per tenant",
+            labels=["queue", "tenant"],
+        )
+        in_flight = GaugeMetricFamily(
+            "pgqueue_tenant_in_flight", "Sends in flight per tenant", labels=["queue", "tenant"]
+        )
+        limit = GaugeMetricFamily(
+            "pgqueue_tenant_max_concurrency",
+            "Sends in flight allowed per tenant",
+            labels=["queue", "tenant"],
+        )
+        paused = GaugeMetricFamily(
+            "pgqueue_tenant_paused", "1 when the tenant is paused", labels=["queue", "tenant"]
+        )
+        for t in self.snapshot["tenants"]:
+            labels = [q, str(t["id"])]
+            sends.add_metric(labels, float(t["completed_total"]))
+            dead.add_metric(labels, float(t["failed_total"]))
+            in_flight.add_metric(labels, float(t["active"]))
+            limit.add_metric(labels, float(t["max_concurrency"] or 0))
+            paused.add_metric(labels, 1.0 if t["paused"] else 0.0)
+        yield from (sends, dead, in_flight, limit, paused)
+
+        failures = GaugeMetricFamily(
+            "pgqueue_failures_last_hour",
+            "Jobs that died in the last hour, by error code",
+            labels=["queue", "code"],
+        )
+        for f in self.snapshot["failures"]:
+            failures.add_metric([q, str(f["code"])], float(f["n"]))
+        yield failures
+        retrying = GaugeMetricFamily(
+            "pgqueue_jobs_retrying",
+            "Live jobs waiting for a retry, by the error code of their last attempt",
+            labels=["queue", "code"],
+        )
+        for r in self.snapshot["retrying"]:
+            retrying.add_metric([q, str(r["code"])], float(r["n"]))
+        yield retrying
+
+        state = self.snapshot["state"]
+        if state is None:
+            return
+        for name, help_text, key in (
+            ("pgqueue_queue_in_flight", "Sends in flight in the whole queue", "in_flight"),
+            (
+                "pgqueue_queue_max_in_flight",
+                "Sends in flight allowed in the queue",
+                "global_concurrency",
+            ),
+            ("pgqueue_rate_limit_per_second", "Send starts allowed per second", "rate_per_second"),
+            (
+                "pgqueue_rate_booked_ahead_seconds",
+                "How far ahead of now send starts are booked (a provider 429 pushes it out)",
+                "rate_ahead_s",
+            ),
+            ("pgqueue_workers", "Workers that sent a heartbeat in the last minute", "workers"),
+            (
+                "pgqueue_oldest_due_waiting_seconds",
+                "Age of the oldest message that is due and not yet sent",
+                "oldest_due_s",
+            ),
+        ):
+            gauge = GaugeMetricFamily(name, help_text, labels=["queue"])
+            gauge.add_metric([q], float(state.get(key) or 0.0))
+            yield gauge
+        bucket = GaugeMetricFamily(
+            "pgqueue_rate_bucket_level",
+            "Send starts already booked ahead of now (rate_per_second x booked seconds)",
+            labels=["queue"],
+        )
+        bucket.add_metric(
+            [q], float(state.get("rate_ahead_s") or 0.0) * float(state["rate_per_second"])
+        )
+        yield bucket

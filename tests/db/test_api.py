@@ -18,10 +18,10 @@ from psycopg_pool import AsyncConnectionPool
 from twilio.request_validator import RequestValidator
 
 from pgqueue import admin, queries
-from pgqueue.api import create_app
 from pgqueue.config import Settings
 from pgqueue.db import connect, make_pool
 from pgqueue.dispatcher import Dispatcher, DispatcherConfig
+from pgqueue.http import create_app
 from pgqueue.maintenance import Maintenance
 from pgqueue.statuses import apply_early_statuses
 from tests.support.fake_twilio import FakeTwilio

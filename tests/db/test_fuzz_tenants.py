@@ -42,9 +42,9 @@ from schemathesis.python.asgi import shutdown_lifespans
 from schemathesis.specs.openapi.stateful import _step_case_strategy, is_root_allowed, transition
 
 from pgqueue.admin import hash_token
-from pgqueue.api import create_app
 from pgqueue.config import Settings
 from pgqueue.db import make_pool
+from pgqueue.http import create_app
 
 load_all_checks()
 from schemathesis.checks import not_a_server_error  # noqa: E402

@@ -18,9 +18,9 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import admin
-from pgqueue.api import create_app
 from pgqueue.config import Settings
 from pgqueue.db import as_url
+from pgqueue.http import create_app
 from pgqueue.metrics import get_queue_metrics
 from pgqueue.models import Message
 from tests.support.helpers import (

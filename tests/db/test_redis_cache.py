@@ -21,8 +21,9 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import admin
-from pgqueue.api import Cache, create_app
 from pgqueue.config import Settings
+from pgqueue.http import create_app
+from pgqueue.http.auth import Cache
 from tests.support.helpers import add_tenants, phone
 from tests.support.net import free_port
 

@@ -20,9 +20,9 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.python.asgi import shutdown_lifespans
 
 from pgqueue.admin import hash_token
-from pgqueue.api import create_app, openapi_spec
 from pgqueue.config import Settings
 from pgqueue.db import make_pool
+from pgqueue.http import create_app, openapi_spec
 
 ADMIN = "admin-token-for-schemathesis-0123"
 TOKEN = "pgq_schemathesis_tenant_token_0123456789"

@@ -11,8 +11,8 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import admin
-from pgqueue.api import create_app
 from pgqueue.config import Settings
+from pgqueue.http import create_app
 from tests.db.test_api import ADMIN, PUBLIC, Api, _client
 from tests.db.test_ops_cli import pgqueue
 from tests.support.helpers import ACCOUNT, phone

@@ -24,11 +24,12 @@ from cryptography.fernet import Fernet
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import admin, cli
-from pgqueue.api import AuthFailures, create_app
 from pgqueue.config import Settings
 from pgqueue.credentials import UNDECRYPTABLE, Keyring
 from pgqueue.db import as_url
 from pgqueue.dispatcher import DispatcherConfig
+from pgqueue.http import create_app
+from pgqueue.http.auth import AuthFailures
 from pgqueue.providers.default import default_provider
 from pgqueue.worker import Worker
 from tests.db.test_api import PUBLIC, _signed

@@ -23,10 +23,10 @@ from psycopg_pool import AsyncConnectionPool
 from twilio.request_validator import RequestValidator
 
 from pgqueue import admin, cli
-from pgqueue.api import create_app
 from pgqueue.config import Settings
 from pgqueue.dashboard import MAX_TTL_S, Scope, link_key, sign, signed_query
 from pgqueue.errors import PgQueueError
+from pgqueue.http import create_app
 from pgqueue.statuses import apply_early_statuses
 from tests.db.test_api import ADMIN, PUBLIC, Api, _provider_status, _signed
 from tests.support.helpers import ACCOUNT, add_tenants, phone, running_worker, wait_until_drained
