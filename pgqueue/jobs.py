@@ -7,7 +7,6 @@ entirely (another tenant's id is simply not found).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +15,7 @@ import psycopg
 from pgqueue import queries
 from pgqueue.errors import NotFoundError, ValidationError
 from pgqueue.logs import job_log
-from pgqueue.models import JobState, conversation_id
+from pgqueue.models import JobState
 
 MAX_LIST = 1000
 
@@ -176,31 +175,6 @@ def parse_older_than(
             field=field,
         )
     return moment
-
-
-def job_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A job as the API shows it (the CLI's --json too): never the message's full text."""
-    return {
-        "id": int(row["id"]),
-        "tenantId": row["tenant_id"],
-        "conversationId": conversation_id(row["tenant_id"], row["conversation"]),
-        "state": row["state"],
-        "attempts": int(row["attempts"]),
-        "maxAttempts": int(row["max_attempts"]),
-        "priority": int(row["priority"]),
-        "messageType": row["message_type"],
-        "phoneNumber": row["to_number"],
-        "channel": row["channel"],
-        "contentSid": row["content_sid"],
-        "lastErrorCode": row["last_error_code"],
-        "lastErrorMessage": row["last_error_message"],
-        "providerSid": row["provider_sid"],
-        "providerStatus": row["provider_status"],
-        "createdAt": iso(row["created_at"]),
-        "runAt": iso(row["run_at"]),
-        "startedAt": iso(row["started_at"]),
-        "finishedAt": iso(row["finished_at"]),
-    }
 
 
 def iso(value: datetime | None) -> str | None:

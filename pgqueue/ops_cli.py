@@ -25,6 +25,7 @@ from pgqueue.config import Settings, redact_url
 from pgqueue.db import connect, resolve_database_url
 from pgqueue.enqueue import normalize_phone
 from pgqueue.errors import NotFoundError, PgQueueError, ValidationError, first_line
+from pgqueue.http.models import Job, json_body
 from pgqueue.metrics import queue_metrics
 
 # Waiting longer than this while due means something is stuck (no worker, a pause, a
@@ -155,7 +156,7 @@ async def _jobs(conn: queries.Conn, args: argparse.Namespace, settings: Settings
             limit=args.limit,
         )
         if args.json:
-            _print_json([jobs.job_json(r) for r in rows])
+            _print_json([json_body(Job.of(r)) for r in rows])
             return 0
         _print(
             _table(
@@ -187,7 +188,7 @@ async def _jobs(conn: queries.Conn, args: argparse.Namespace, settings: Settings
         )
         return 0
     if args.action == "show":
-        job = jobs.job_json(await jobs.get_job(conn, args.id))
+        job = json_body(Job.of(await jobs.get_job(conn, args.id)))
         if args.json:
             _print_json(job)
         else:

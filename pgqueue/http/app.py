@@ -59,6 +59,7 @@ from pgqueue.config import Settings
 from pgqueue.credentials import CredentialError, Keyring
 from pgqueue.db import make_pool, resolve_database_url
 from pgqueue.enqueue import (
+    MAX_BATCH,
     enqueue_whatsapp_send,
     enqueue_whatsapp_send_batch,
     refusal,
@@ -82,9 +83,10 @@ from pgqueue.http.auth import (
     twilio_signed,
 )
 from pgqueue.http.errors import RETRY_AFTER_S, HttpError, error_json, error_response
+from pgqueue.http.models import Job as JobAnswer
+from pgqueue.http.models import json_body
 from pgqueue.http.openapi import openapi_spec
 from pgqueue.http.parsing import (
-    MAX_BATCH,
     MAX_BATCH_BODY,
     MAX_BODY,
     TENANT_IN_PATH,
@@ -503,7 +505,7 @@ class Api:
         job_id = job_id_in_path(request)
         async with self.db() as conn:
             row = await jobs.get_job(conn, job_id, tenant_id=caller.tenant_id)
-        return JSONResponse(jobs.job_json(row))
+        return JSONResponse(json_body(JobAnswer.of(row)))
 
     async def cancel_job(self, request: Request) -> Response:
         caller = await self.caller(request)
@@ -517,7 +519,7 @@ class Api:
         job_id = job_id_in_path(request)
         async with self.db() as conn:
             row = await jobs.retry_job(conn, job_id, queue=self.queue, tenant_id=caller.tenant_id)
-        return JSONResponse(jobs.job_json(row))
+        return JSONResponse(json_body(JobAnswer.of(row)))
 
     async def clean_jobs(self, request: Request) -> Response:
         caller = await self.caller(request)

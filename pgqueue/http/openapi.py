@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pgqueue.http.parsing import MAX_BATCH
+import msgspec
+
+from pgqueue.http.models import SCHEMAS
 
 # -- OpenAPI -----------------------------------------------------------------------------
 
@@ -65,82 +67,17 @@ _E422_SEND = _err(
 )
 
 
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {**schema, "nullable": True}
-
-
-def _message_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["phoneNumber"],
-        "description": "One WhatsApp message: `text`, or `contentSid` with optional "
-        "`contentVariables` (an approved template).",
-        "properties": {
-            "phoneNumber": {
-                "type": "string",
-                "description": "Recipient in E.164 (+14155550100); `whatsapp:` prefix allowed",
-            },
-            "text": _nullable({"type": "string", "minLength": 1, "maxLength": 1600}),
-            "contentSid": _nullable(
-                {"type": "string", "description": "Twilio Content SID: HX + 32 hex digits"}
-            ),
-            "contentVariables": _nullable(
-                {
-                    "type": "object",
-                    "additionalProperties": {"oneOf": [{"type": "string"}, {"type": "number"}]},
-                    "description": 'Template variables, e.g. {"1": "Ana"}',
-                }
-            ),
-            "fromNumber": _nullable(
-                {"type": "string", "description": "Sender; default: the tenant's"}
-            ),
-            "conversationId": _nullable(
-                {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": 200,
-                    "description": "Messages of one conversation are sent in order, one at "
-                    "a time. Default: tenant + phone number",
-                }
-            ),
-            "priority": _nullable(
-                {
-                    "type": "integer",
-                    "minimum": -100,
-                    "maximum": 100,
-                    "description": "Higher first; default from messageType, else 0",
-                }
-            ),
-            "sendAt": _nullable(
-                {
-                    "type": "string",
-                    "format": "date-time",
-                    "description": "Send at (ISO 8601 with a zone, within a year)",
-                }
-            ),
-            "idempotencyKey": _nullable(
-                {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": 200,
-                    "description": "Repeating a key returns the first job (also the "
-                    "Idempotency-Key header)",
-                }
-            ),
-            "messageType": _nullable(
-                {
-                    "type": "string",
-                    "description": "customer_service (priority 10), marketing (5), "
-                    "notification (0), or another lower-case word",
-                }
-            ),
-        },
-    }
+def schemas() -> dict[str, Any]:
+    """components/schemas: JSON Schema (2020-12, as OpenAPI 3.1 has it) of each model."""
+    _, components = msgspec.json.schema_components(
+        list(SCHEMAS.values()), ref_template="#/components/schemas/{name}"
+    )
+    return {name: components[name] for name in SCHEMAS}
 
 
 def openapi_spec() -> dict[str, Any]:
-    """The API as OpenAPI 3.0: every route, request body and error answer."""
+    """The API as OpenAPI 3.1: every route, request body and error answer; the bodies' schemas
+    generated from the models (models.py)."""
     spec = _openapi_routes()
     # Answers every route may give for the same reason: a route that takes a token may
     # throttle its client, and one that reads a body may time out waiting for it.
@@ -203,7 +140,7 @@ def _openapi_routes() -> dict[str, Any]:
         "schema": {"type": "string"},
     }
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "pgqueue",
             "version": "1",
@@ -434,7 +371,7 @@ def _openapi_routes() -> dict[str, Any]:
                     "summary": "This document",
                     "responses": {
                         "200": {
-                            "description": "OpenAPI 3.0",
+                            "description": "OpenAPI 3.1",
                             "content": {"application/json": {"schema": {"type": "object"}}},
                         }
                     },
@@ -443,187 +380,6 @@ def _openapi_routes() -> dict[str, Any]:
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error", "message"],
-                    "properties": {
-                        "error": {"type": "string"},
-                        "message": {"type": "string"},
-                        "field": {"type": "string"},
-                        "index": {"type": "integer"},
-                        "providerCode": {"type": "string", "nullable": True},
-                    },
-                },
-                "Message": _message_schema(),
-                "Batch": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["messages"],
-                    "properties": {
-                        "messages": {
-                            "type": "array",
-                            "minItems": 1,
-                            "maxItems": MAX_BATCH,
-                            "items": {"$ref": "#/components/schemas/Message"},
-                        }
-                    },
-                },
-                "QueuePosition": {
-                    "type": "object",
-                    "required": ["state", "ahead"],
-                    "properties": {
-                        "state": {
-                            "type": "string",
-                            "enum": ["waiting", "delayed", "active", "completed", "failed"],
-                            "description": "waiting or delayed for a new message; a repeated "
-                            "idempotency key gives the first job's current state",
-                        },
-                        "ahead": {
-                            "type": "integer",
-                            "minimum": 0,
-                            "description": "Messages of the same conversation ahead of it",
-                        },
-                    },
-                },
-                "Queued": {
-                    "type": "object",
-                    "required": ["status", "message", "jobId", "queuePosition", "duplicate"],
-                    "properties": {
-                        "status": {"type": "string", "enum": ["queued"]},
-                        "message": {"type": "string"},
-                        "jobId": {"type": "integer", "format": "int64"},
-                        "queuePosition": {"$ref": "#/components/schemas/QueuePosition"},
-                        "duplicate": {"type": "boolean"},
-                    },
-                },
-                "BatchQueued": {
-                    "type": "object",
-                    "required": ["status", "message", "jobs"],
-                    "properties": {
-                        "status": {"type": "string", "enum": ["queued"]},
-                        "message": {"type": "string"},
-                        "jobs": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["jobId", "queuePosition", "duplicate"],
-                                "properties": {
-                                    "jobId": {"type": "integer", "format": "int64"},
-                                    "queuePosition": {"$ref": "#/components/schemas/QueuePosition"},
-                                    "duplicate": {"type": "boolean"},
-                                },
-                            },
-                        },
-                    },
-                },
-                "DirectSend": {
-                    "type": "object",
-                    "required": ["status", "message", "channel", "sid"],
-                    "properties": {
-                        "status": {"type": "string", "enum": ["ok"]},
-                        "message": {"type": "string"},
-                        "channel": {"type": "string", "enum": ["freeform", "template"]},
-                        "sid": {"type": "string"},
-                    },
-                },
-                "QueueMetrics": {
-                    "type": "object",
-                    "required": [
-                        "waiting",
-                        "active",
-                        "completed",
-                        "failed",
-                        "delayed",
-                        "tenantConcurrency",
-                        "maxConcurrencyPerTenant",
-                    ],
-                    "properties": {
-                        "waiting": {"type": "integer", "minimum": 0},
-                        "active": {"type": "integer", "minimum": 0},
-                        "completed": {"type": "integer", "minimum": 0},
-                        "failed": {"type": "integer", "minimum": 0},
-                        "delayed": {"type": "integer", "minimum": 0},
-                        "tenantConcurrency": {
-                            "type": "object",
-                            "additionalProperties": {"type": "integer", "minimum": 0},
-                        },
-                        "maxConcurrencyPerTenant": {"type": "integer", "minimum": 1},
-                        "pausedTenants": {"type": "array", "items": {"type": "string"}},
-                    },
-                },
-                "Job": {
-                    "type": "object",
-                    "required": ["id", "tenantId", "conversationId", "state", "attempts"],
-                    "properties": {
-                        "id": {"type": "integer", "format": "int64"},
-                        "tenantId": {"type": "string"},
-                        "conversationId": {"type": "string"},
-                        "state": {
-                            "type": "string",
-                            "enum": ["waiting", "delayed", "active", "completed", "failed"],
-                        },
-                        "attempts": {"type": "integer"},
-                        "maxAttempts": {"type": "integer"},
-                        "priority": {"type": "integer"},
-                        "messageType": {"type": "string", "nullable": True},
-                        "phoneNumber": {"type": "string"},
-                        "channel": {"type": "string", "nullable": True},
-                        "contentSid": {"type": "string", "nullable": True},
-                        "lastErrorCode": {"type": "string", "nullable": True},
-                        "lastErrorMessage": {"type": "string", "nullable": True},
-                        "providerSid": {"type": "string", "nullable": True},
-                        "providerStatus": {"type": "string", "nullable": True},
-                        "createdAt": {"type": "string", "format": "date-time"},
-                        "runAt": {"type": "string", "format": "date-time"},
-                        "startedAt": {"type": "string", "format": "date-time", "nullable": True},
-                        "finishedAt": {
-                            "type": "string",
-                            "format": "date-time",
-                            "nullable": True,
-                        },
-                    },
-                },
-                "Canceled": {
-                    "type": "object",
-                    "required": ["jobId", "status"],
-                    "properties": {
-                        "jobId": {"type": "integer"},
-                        "status": {"type": "string", "enum": ["canceled"]},
-                    },
-                },
-                "Deleted": {
-                    "type": "object",
-                    "required": ["deleted"],
-                    "properties": {"deleted": {"type": "integer", "minimum": 0}},
-                },
-                "StatusCallbackResult": {
-                    "type": "object",
-                    "required": ["status", "updated", "held"],
-                    "properties": {
-                        "status": {"type": "string"},
-                        "updated": {"type": "integer", "minimum": 0},
-                        "held": {
-                            "type": "boolean",
-                            "description": "no message carries this SID yet; the status "
-                            "is applied once its send's completion has committed",
-                        },
-                    },
-                },
-                "Status": {
-                    "type": "object",
-                    "required": ["status"],
-                    "properties": {"status": {"type": "string"}},
-                },
-                "Ready": {
-                    "type": "object",
-                    "required": ["status"],
-                    "properties": {
-                        "status": {"type": "string"},
-                        "database": {"type": "string"},
-                        "migration": {"type": "string"},
-                    },
-                },
-            },
+            "schemas": schemas(),
         },
     }

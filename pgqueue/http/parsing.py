@@ -9,22 +9,19 @@ import re
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from starlette.requests import ClientDisconnect, Request
 
 from pgqueue import admin, jobs
 from pgqueue.http.errors import HttpError
+from pgqueue.http.models import message, message_in
 from pgqueue.models import Enqueued, Message
 
 MAX_BODY = 64 * 1024
 # A full batch (1,000 messages of up to 1,600 characters) cannot fit in 64 KiB.
 MAX_BATCH_BODY = 8 * 1024 * 1024
-MAX_BATCH = 1000
 MAX_JOB_ID = 2**63 - 1
 TENANT_IN_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
-# RFC 3339, the profile of ISO 8601 with a mandatory zone that JSON Schema's date-time is.
-RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
-)
 
 
 # -- request parsing -------------------------------------------------------------------
@@ -75,21 +72,6 @@ async def read_json(request: Request, limit: int) -> Any:
         ) from None
 
 
-# JSON field -> (Message attribute, accepted JSON type, type name for the message).
-_FIELDS: dict[str, tuple[str, type, str]] = {
-    "phoneNumber": ("phone_number", str, "a string"),
-    "text": ("text", str, "a string"),
-    "contentSid": ("content_sid", str, "a string"),
-    "contentVariables": ("content_variables", dict, "an object"),
-    "fromNumber": ("from_number", str, "a string"),
-    "conversationId": ("conversation_id", str, "a string"),
-    "priority": ("priority", int, "a whole number"),
-    "sendAt": ("send_at", str, "a string (ISO 8601 date and time with a zone)"),
-    "idempotencyKey": ("idempotency_key", str, "a string"),
-    "messageType": ("message_type", str, "a string"),
-}
-
-
 def check_text(value: str, field: str) -> None:
     # PostgreSQL text cannot hold NUL, and lone surrogates cannot be encoded: both would
     # fail in the database, so they are refused here as the bad input they are.
@@ -117,64 +99,31 @@ def _check_variables(value: dict[str, Any], field: str) -> None:
             )
 
 
-def _send_at(value: str, field: str) -> datetime:
-    if not RFC3339.fullmatch(value):
-        raise HttpError(
-            422,
-            "invalid_send_at",
-            "sendAt must be an ISO 8601 date and time with a zone, e.g. 2026-01-31T18:00:00Z",
-            field=field,
-        )
-    try:
-        return datetime.fromisoformat(value.upper())
-    except ValueError:
-        raise HttpError(
-            422, "invalid_send_at", "sendAt is not a real date and time", field=field
-        ) from None
-
-
 def message_from_json(
     body: object, tenant_id: str, *, prefix: str = "", idempotency_header: str | None = None
 ) -> Message:
-    """A Message from one JSON object, or HttpError (422) naming the field: unknown
-    fields and wrong types are refused here; values are checked by enqueue.validate."""
-    if not isinstance(body, dict):
-        where = prefix.rstrip(".") or "body"
-        raise HttpError(422, "invalid_type", f"{where} must be a JSON object", field=where)
-    unknown = sorted(k for k in body if k not in _FIELDS)
-    if unknown:
-        name = unknown[0][:60]
-        raise HttpError(
-            422,
-            "unknown_field",
-            f"unknown field {name!r}; known fields: {', '.join(_FIELDS)}",
-            field=prefix + name,
-        )
-    values: dict[str, Any] = {}
-    for name, (attr, kind, kind_name) in _FIELDS.items():
-        value = body.get(name)
-        if value is None:
-            continue
-        field = prefix + name
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise HttpError(422, "invalid_type", f"{field} must be {kind_name}", field=field)
+    """A Message from one JSON object, or HttpError (422) naming the field: the model
+    (models.Message) refuses unknown fields, wrong types and values out of its bounds;
+    text that PostgreSQL cannot hold is refused here; values are checked by
+    enqueue.validate."""
+    model = message_in(body, prefix)
+    for f in msgspec.structs.fields(model):
+        value, field = getattr(model, f.name), prefix + f.encode_name
         if isinstance(value, str):
             check_text(value, field)
-        if isinstance(value, dict):
+        elif isinstance(value, dict):
             _check_variables(value, field)
-        values[attr] = _send_at(str(value), field) if name == "sendAt" else value
     if idempotency_header is not None:
         check_text(idempotency_header, "Idempotency-Key")
-        in_body = values.get("idempotency_key")
-        if in_body is not None and in_body != idempotency_header:
+        if model.idempotency_key is not None and model.idempotency_key != idempotency_header:
             raise HttpError(
                 422,
                 "invalid_request",
                 "the Idempotency-Key header and idempotencyKey differ; send one of them",
                 field=prefix + "idempotencyKey",
             )
-        values["idempotency_key"] = idempotency_header
-    return Message(tenant_id=tenant_id, phone_number=values.pop("phone_number", ""), **values)
+        model.idempotency_key = idempotency_header
+    return message(model, tenant_id)
 
 
 def known_parameters(request: Request, known: tuple[str, ...]) -> None:
