@@ -72,7 +72,21 @@ def schemas() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
         list(SCHEMAS.values()), ref_template="#/components/schemas/{name}"
     )
-    return {name: components[name] for name in SCHEMAS}
+    return {name: _without_null_defaults(components[name]) for name in SCHEMAS}
+
+
+def _without_null_defaults(schema: Any) -> Any:
+    # An optional field says `default: null`; client generators (openapi-typescript)
+    # take a default to mean "always present" and would make every such field required.
+    if isinstance(schema, dict):
+        return {
+            k: _without_null_defaults(v)
+            for k, v in schema.items()
+            if not (k == "default" and v is None)
+        }
+    if isinstance(schema, list):
+        return [_without_null_defaults(v) for v in schema]
+    return schema
 
 
 def openapi_spec() -> dict[str, Any]:
