@@ -71,3 +71,12 @@ def decide(job: Job, result: SendResult | BaseException, *, backoff_ms: int) -> 
     if retry_after is not None:
         delay = max(delay, retry_after)
     return Outcome("retry", delay=delay, code=code, message=message, throttle_s=throttle)
+
+
+def decide_lost(*, attempts: int, max_attempts: int, code: str, message: str) -> Outcome:
+    """The outcome of a send whose worker was lost or stalled (the rescuer's). The send
+    may have reached the provider, so it is retried at once rather than after a backoff
+    (nothing says the provider is struggling), while attempts remain; else it fails."""
+    if attempts >= max_attempts:
+        return Outcome("failed", code=code, message=f"retries exhausted: {message}")
+    return Outcome("retry", delay=0.0, code=code, message=message)

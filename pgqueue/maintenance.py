@@ -22,6 +22,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import queries
+from pgqueue.completion import decide_lost
 from pgqueue.dispatcher import Dispatcher
 from pgqueue.metrics import queue_metrics
 from pgqueue.statuses import apply_early_statuses
@@ -62,42 +63,23 @@ class Rescuer:
             )
             if not orphans:
                 return RescueReport(0, 0)
-            outcomes = []
-            dead = 0
-            for o in orphans:
-                reason = "lease-expired" if o["lease_expired"] else "worker-lost"
-                message = f"worker {o['claimed_by']} stopped before finishing the send"
-                if o["attempts"] >= o["max_attempts"]:
-                    dead += 1
-                    outcomes.append(
-                        {
-                            "id": o["id"],
-                            "token": o["claim_token"],
-                            "outcome": "failed",
-                            "code": reason,
-                            "message": f"retries exhausted: {message}",
-                        }
-                    )
-                else:
-                    # The send may have reached the provider: retry at once rather than
-                    # after a backoff, since nothing says the provider is struggling.
-                    outcomes.append(
-                        {
-                            "id": o["id"],
-                            "token": o["claim_token"],
-                            "outcome": "retry",
-                            "delay": 0.0,
-                            "code": reason,
-                            "message": message,
-                        }
-                    )
+            decided = [
+                (
+                    o,
+                    decide_lost(
+                        attempts=o["attempts"],
+                        max_attempts=o["max_attempts"],
+                        code="lease-expired" if o["lease_expired"] else "worker-lost",
+                        message=f"worker {o['claimed_by']} stopped before finishing the send",
+                    ),
+                )
+                for o in orphans
+            ]
             applied = await queries.complete_jobs(
                 conn,
                 queue=self.queue,
-                outcomes=outcomes,
-                conversations=[
-                    o["conversation"] for o in orphans if o["attempts"] >= o["max_attempts"]
-                ],
+                outcomes=[d.as_row(o["id"], o["claim_token"]) for o, d in decided],
+                conversations=[o["conversation"] for o, d in decided if d.kind == "failed"],
             )
         if applied:
             log.warning(
