@@ -1,8 +1,9 @@
 """docker-compose.yml and the Dockerfile: valid for Compose, and the stack DESIGN.md names.
 
 `docker compose config` validates without a Docker engine, so it runs wherever the
-docker CLI has the compose plugin; elsewhere that test is skipped and the file is still
-checked by parsing it (PyYAML if it happens to be installed, plain text otherwise).
+docker CLI has the compose plugin or Debian's docker-compose is installed (.ci/run
+installs it); elsewhere that test is skipped and the file is still checked by parsing it
+(PyYAML if it happens to be installed, plain text otherwise).
 """
 
 from __future__ import annotations
@@ -22,23 +23,28 @@ SERVICES = ("postgres", "redis", "migrate", "api", "worker")
 
 
 def _compose_cli() -> list[str]:
-    """`docker compose`, or skip saying what is missing."""
+    """`docker compose`, else Debian's `docker-compose` (Compose v1, which validates the
+    same file), or skip saying what is missing."""
     docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("the docker CLI is not installed")
-    try:
-        probe = subprocess.run(
-            [docker, "compose", "version"], capture_output=True, text=True, timeout=30
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip("`docker compose version` did not answer within 30 s")
-    if probe.returncode != 0:
-        reason = (probe.stderr or probe.stdout).strip().splitlines()
-        pytest.skip(
-            "the docker CLI has no compose plugin (`docker compose version`: "
-            f"{reason[0] if reason else f'exit {probe.returncode}'})"
-        )
-    return [docker, "compose"]
+    reason = "the docker CLI is not installed"
+    if docker is not None:
+        try:
+            probe = subprocess.run(
+                [docker, "compose", "version"], capture_output=True, text=True, timeout=30
+            )
+        except subprocess.TimeoutExpired:
+            reason = "`docker compose version` did not answer within 30 s"
+        else:
+            if probe.returncode == 0:
+                return [docker, "compose"]
+            lines = (probe.stderr or probe.stdout).strip().splitlines()
+            reason = "the docker CLI has no compose plugin (`docker compose version`: " + (
+                f"{lines[0]})" if lines else f"exit {probe.returncode})"
+            )
+    v1 = shutil.which("docker-compose")
+    if v1 is not None:
+        return [v1]
+    pytest.skip(f"{reason}, and docker-compose is not installed either")
 
 
 def test_compose_config_is_valid() -> None:
