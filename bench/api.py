@@ -57,7 +57,7 @@ from pgqueue.admin import hash_token
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests/support: the launchers and helpers the tests use too
 
-from tests.support.net import free_port  # noqa: E402
+from pgqueue.server import free_port  # noqa: E402
 from tests.support.serve import start_serve, stop_serve  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

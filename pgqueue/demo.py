@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pgqueue.config import Settings
 from pgqueue.db import as_url, connect, resolve_database_url
 from pgqueue.errors import PgQueueError
 from pgqueue.metrics import queue_metrics
+from pgqueue.server import free_port
 
 DEMO_QUEUE = "pgqueue-demo"
 TENANTS = [
@@ -117,12 +117,6 @@ class Progress:
     total: int = 0
     accepted: list[int] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Processes:
@@ -345,7 +339,7 @@ async def run_demo(
     url = resolve_database_url(settings)
     migrate.upgrade(url)
     tokens = await _setup(url)
-    port = _free_port()
+    port = free_port()
     home = settings.home.resolve()
     env = {
         **os.environ,

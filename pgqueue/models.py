@@ -115,6 +115,41 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Outgoing:
+    """What one send needs, whether it comes from a claimed job (`job_id`) or is a
+    direct send without one (WHATSAPP_SEND_QUEUE_ENABLED=false). The auth token stays out
+    of repr."""
+
+    tenant_id: str
+    account_sid: str
+    auth_token: str = field(repr=False)
+    from_number: str
+    to_number: str
+    body: str | None
+    content_sid: str | None
+    content_variables: dict[str, Any] | None
+    fallback_content_sid: str | None
+    fallback_variable: str | None
+    job_id: int | None = None
+
+    @classmethod
+    def from_job(cls, job: Job) -> Outgoing:
+        return cls(
+            tenant_id=job.tenant_id,
+            account_sid=job.account_sid,
+            auth_token=job.auth_token,
+            from_number=job.from_number or job.whatsapp_from,
+            to_number=job.to_number,
+            body=job.body,
+            content_sid=job.content_sid,
+            content_variables=job.content_variables,
+            fallback_content_sid=job.fallback_content_sid,
+            fallback_variable=job.fallback_variable,
+            job_id=job.id,
+        )
+
+
+@dataclass(frozen=True)
 class SendResult:
     sid: str
     status: str = "queued"

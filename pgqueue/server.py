@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import Any
@@ -245,3 +246,11 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "ws": "none",
         "timeout_keep_alive": settings.http_keep_alive_s,
     }
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (the kernel's pick), for a server bound right after
+    (the demo's API, the tests' and benchmarks' servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

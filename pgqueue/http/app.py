@@ -31,9 +31,7 @@ import math
 import signal
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -83,8 +81,8 @@ from pgqueue.http.auth import (
     twilio_signed,
 )
 from pgqueue.http.errors import RETRY_AFTER_S, HttpError, error_json, error_response
+from pgqueue.http.models import DirectSend, json_body
 from pgqueue.http.models import Job as JobAnswer
-from pgqueue.http.models import json_body
 from pgqueue.http.openapi import openapi_spec
 from pgqueue.http.parsing import (
     MAX_BATCH_BODY,
@@ -102,7 +100,7 @@ from pgqueue.http.parsing import (
 )
 from pgqueue.logs import setup_logging
 from pgqueue.metrics import SnapshotCollector, queue_metrics, queue_snapshot
-from pgqueue.models import Job, Message
+from pgqueue.models import Message, Outgoing
 from pgqueue.providers.default import default_provider
 from pgqueue.server import BodyDeadline, uvicorn_options
 from pgqueue.statuses import apply_status
@@ -436,54 +434,25 @@ class Api:
     async def _deliver_now(self, tenant: Mapping[str, Any], row: Any) -> dict[str, str]:
         if self._provider is None:
             self._provider = default_provider(self.settings, self.pool)
-        if self.settings.provider == "twilio":
-            answer: dict[str, str] = await self._provider.direct_send(
+        result = await self._provider.send_now(
+            Outgoing(
                 tenant_id=row.tenant_id,
                 account_sid=tenant["account_sid"],
                 auth_token=tenant["auth_token"],
-                whatsapp_from=tenant["whatsapp_from"],
+                from_number=row.from_number or tenant["whatsapp_from"],
                 to_number=row.to_number,
                 body=row.body,
                 content_sid=row.content_sid,
                 content_variables=row.content_variables,
-                from_number=row.from_number,
                 fallback_content_sid=tenant["fallback_content_sid"],
                 fallback_variable=tenant["fallback_variable"],
             )
-            return answer
-        # The sandbox sends jobs only; this one never was a row (id 0).
-        now = datetime.now(UTC)
-        job = Job(
-            id=0,
-            queue=self.queue,
-            tenant_id=row.tenant_id,
-            conversation=row.conversation,
-            priority=row.priority or 0,
-            to_number=row.to_number,
-            from_number=row.from_number,
-            body=row.body,
-            content_sid=row.content_sid,
-            content_variables=row.content_variables,
-            message_type=row.message_type,
-            attempts=1,
-            max_attempts=1,
-            claim_token=uuid.uuid4(),
-            start_at=now,
-            start_delay=0.0,
-            created_at=now,
-            lock_key=0,
-            locked=False,
-            account_sid=tenant["account_sid"],
-            whatsapp_from=tenant["whatsapp_from"],
-            auth_token=tenant["auth_token"],
         )
-        result = await self._provider.send(job)
-        return {
-            "status": "ok",
-            "message": "Successfully sent",
-            "channel": result.channel,
-            "sid": result.sid,
-        }
+        return json_body(
+            DirectSend(
+                status="ok", message="Successfully sent", channel=result.channel, sid=result.sid
+            )
+        )
 
     # -- queue and jobs ----------------------------------------------------------------
 

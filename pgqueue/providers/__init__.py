@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Protocol
 
-from pgqueue.models import Job, SendResult
+from pgqueue.models import Job, Outgoing, SendResult
 
 log = logging.getLogger("pgqueue.providers")
 
@@ -87,5 +87,9 @@ def note_on_wire() -> None:
 
 class Provider(Protocol):
     async def send(self, job: Job) -> SendResult: ...
+
+    async def send_now(self, out: Outgoing) -> SendResult:
+        """A send without a job (the API's direct send): no rate slot, no retry."""
+        ...
 
     async def aclose(self) -> None: ...

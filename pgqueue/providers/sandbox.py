@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import queries
 from pgqueue.errors import PermanentSendError, TransientSendError
-from pgqueue.models import Job, SendResult
+from pgqueue.models import Job, Outgoing, SendResult
 
 
 class SandboxProvider:
@@ -46,11 +46,14 @@ class SandboxProvider:
         self.invalid_numbers = set(invalid_numbers)
 
     async def send(self, job: Job) -> SendResult:
+        return await self.send_now(Outgoing.from_job(job))
+
+    async def send_now(self, out: Outgoing) -> SendResult:
         started_at = datetime.now(UTC)
         await asyncio.sleep(self._rng.uniform(*self._latency))
-        if job.to_number in self.invalid_numbers:
+        if out.to_number in self.invalid_numbers:
             raise PermanentSendError(
-                f"Invalid 'To' Phone Number: {job.to_number} (sandbox)",
+                f"Invalid 'To' Phone Number: {out.to_number} (sandbox)",
                 provider_code="21211",
                 http_status=400,
             )
@@ -67,16 +70,16 @@ class SandboxProvider:
                 conn,
                 "record_sandbox_message",
                 {
-                    "tenant_id": job.tenant_id,
-                    "job_id": job.id,
-                    "to_number": job.to_number,
-                    "body": job.body,
-                    "content_sid": job.content_sid,
+                    "tenant_id": out.tenant_id,
+                    "job_id": out.job_id,
+                    "to_number": out.to_number,
+                    "body": out.body,
+                    "content_sid": out.content_sid,
                     "sid": sid,
                     "started_at": started_at,
                 },
             )
-        if job.content_sid is not None:
+        if out.content_sid is not None:
             return SendResult(sid=sid, status="queued", channel="template")
         return SendResult(sid=sid, status="queued", channel="freeform")
 

@@ -22,7 +22,6 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -45,7 +44,7 @@ from pgqueue.errors import (
     TenantSendError,
     TransientSendError,
 )
-from pgqueue.models import Job, SendResult
+from pgqueue.models import Job, Outgoing, SendResult
 from pgqueue.providers import note_on_wire, wait_for_slot
 
 log = logging.getLogger("pgqueue.twilio")
@@ -189,37 +188,6 @@ class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
         await self.session.close()
 
 
-@dataclass(frozen=True)
-class _Outgoing:
-    """What one send needs, whether it comes from a claimed job or a direct send."""
-
-    tenant_id: str
-    account_sid: str
-    auth_token: str
-    from_number: str
-    to_number: str
-    body: str | None
-    content_sid: str | None
-    content_variables: dict[str, Any] | None
-    fallback_content_sid: str | None
-    fallback_variable: str | None
-
-    @classmethod
-    def from_job(cls, job: Job) -> _Outgoing:
-        return cls(
-            tenant_id=job.tenant_id,
-            account_sid=job.account_sid,
-            auth_token=job.auth_token,
-            from_number=job.from_number or job.whatsapp_from,
-            to_number=job.to_number,
-            body=job.body,
-            content_sid=job.content_sid,
-            content_variables=job.content_variables,
-            fallback_content_sid=job.fallback_content_sid,
-            fallback_variable=job.fallback_variable,
-        )
-
-
 def _whatsapp(number: str) -> str:
     return number if number.startswith("whatsapp:") else "whatsapp:" + number
 
@@ -351,7 +319,7 @@ class TwilioProvider:
 
     async def _create(
         self,
-        out: _Outgoing,
+        out: Outgoing,
         *,
         body: str | None,
         content_sid: str | None,
@@ -382,7 +350,7 @@ class TwilioProvider:
             raise map_transport_error(exc, auth_token=out.auth_token) from None
         return str(message.sid), str(message.status or "queued")
 
-    async def _deliver(self, out: _Outgoing) -> SendResult:
+    async def _deliver(self, out: Outgoing) -> SendResult:
         # The token arrives as stored (encrypted) and is decrypted only for this send; a
         # token this process cannot decrypt pauses the tenant (TenantSendError).
         out = dataclasses.replace(out, auth_token=open_for_send(self._keyring, out.auth_token))
@@ -416,45 +384,10 @@ class TwilioProvider:
         return SendResult(sid=sid, status=status, channel="freeform")
 
     async def send(self, job: Job) -> SendResult:
-        return await self._deliver(_Outgoing.from_job(job))
+        return await self._deliver(Outgoing.from_job(job))
 
-    async def direct_send(
-        self,
-        *,
-        tenant_id: str,
-        account_sid: str,
-        auth_token: str,
-        whatsapp_from: str,
-        to_number: str,
-        body: str | None = None,
-        content_sid: str | None = None,
-        content_variables: dict[str, Any] | None = None,
-        from_number: str | None = None,
-        fallback_content_sid: str | None = None,
-        fallback_variable: str | None = None,
-    ) -> dict[str, str]:
-        """Send now, without the queue (WHATSAPP_SEND_QUEUE_ENABLED=false), in the API's
-        response shape. Raises the same errors as `send`."""
-        result = await self._deliver(
-            _Outgoing(
-                tenant_id=tenant_id,
-                account_sid=account_sid,
-                auth_token=auth_token,
-                from_number=from_number or whatsapp_from,
-                to_number=to_number,
-                body=body,
-                content_sid=content_sid,
-                content_variables=content_variables,
-                fallback_content_sid=fallback_content_sid,
-                fallback_variable=fallback_variable,
-            )
-        )
-        return {
-            "status": "ok",
-            "message": "Successfully sent",
-            "channel": result.channel,
-            "sid": result.sid,
-        }
+    async def send_now(self, out: Outgoing) -> SendResult:
+        return await self._deliver(out)
 
     async def aclose(self) -> None:
         transport, self._transport = self._transport, None

@@ -15,9 +15,9 @@ import pytest
 
 from pgqueue import admin, migrate
 from pgqueue.db import with_dbname
+from pgqueue.server import free_port
 from tests.support.fake_twilio import FakeTwilio
 from tests.support.helpers import add_tenants, phone
-from tests.support.net import free_port
 from tests.support.serve import ADMIN, serving
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ import pytest
 
 from pgqueue.config import Settings
 from pgqueue.errors import PermanentSendError, TenantSendError, TransientSendError
-from pgqueue.models import Job
+from pgqueue.models import Job, Outgoing
 from pgqueue.providers.sandbox import SandboxProvider
 from pgqueue.providers.twilio import TwilioProvider
 from tests.support.fake_twilio import FakeTwilio
@@ -167,23 +167,26 @@ async def test_each_tenant_uses_its_own_credentials_and_one_client(
     assert len(provider._clients) == 2
 
 
-async def test_direct_send_answers_in_the_api_shape(
+async def test_a_send_without_a_job_goes_out_like_a_job_s(
     provider: TwilioProvider, fake: FakeTwilio
 ) -> None:
-    answer = await provider.direct_send(
-        tenant_id="resto-1",
-        account_sid=ACCOUNT,
-        auth_token=TOKEN,
-        whatsapp_from=FROM,
-        to_number=TO,
-        body="hi",
+    result = await provider.send_now(
+        Outgoing(
+            tenant_id="resto-1",
+            account_sid=ACCOUNT,
+            auth_token=TOKEN,
+            from_number=FROM,
+            to_number=TO,
+            body="hi",
+            content_sid=None,
+            content_variables=None,
+            fallback_content_sid=None,
+            fallback_variable=None,
+        )
     )
-    assert answer == {
-        "status": "ok",
-        "message": "Successfully sent",
-        "channel": "freeform",
-        "sid": fake.records()[0].sid,
-    }
+    (record,) = fake.records()
+    assert (result.sid, result.channel) == (record.sid, "freeform")
+    assert (record.account, record.body) == (ACCOUNT, "hi")
 
 
 async def test_twilio_region_and_edge_in_the_environment_do_not_move_requests(

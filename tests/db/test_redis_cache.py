@@ -24,8 +24,8 @@ from pgqueue import admin
 from pgqueue.config import Settings
 from pgqueue.http import create_app
 from pgqueue.http.auth import Cache
+from pgqueue.server import free_port
 from tests.support.helpers import add_tenants, phone
-from tests.support.net import free_port
 
 ADMIN = "admin-token-for-redis-tests-0123"
 

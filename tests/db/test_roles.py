@@ -26,10 +26,10 @@ from pgqueue.db import as_url
 from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.errors import PgQueueError
 from pgqueue.providers.default import default_provider
+from pgqueue.server import free_port
 from pgqueue.worker import Worker
 from tests.support.fake_twilio import FakeTwilio
 from tests.support.helpers import ACCOUNT, phone
-from tests.support.net import free_port
 from tests.support.serve import ADMIN, serving
 
 OTHER_ACCOUNT = "AC" + "1" * 32

@@ -59,8 +59,8 @@ from pgqueue.dispatcher import DispatcherConfig
 from pgqueue.enqueue import enqueue_whatsapp_send_batch
 from pgqueue.models import Message
 from pgqueue.providers import WIRE_LATE_LOG_S
+from pgqueue.server import free_port
 from tests.support.kernel_stamps import Capture, KernelStamps, KernelStampsUnavailable
-from tests.support.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 QUEUE = "whatsapp-send"

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from pgqueue.db import as_url
-from tests.support.net import free_port
+from pgqueue.server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 # The admin token of the servers `serving` starts.
