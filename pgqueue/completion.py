@@ -73,6 +73,14 @@ def decide(job: Job, result: SendResult | BaseException, *, backoff_ms: int) -> 
     return Outcome("retry", delay=delay, code=code, message=message, throttle_s=throttle)
 
 
+def expired(job: Job, now: float) -> Outcome | None:
+    """`expired` for a job whose deadline has passed before its send could start (it
+    is never sent), else None."""
+    if job.expires_at is not None and job.expires_at.timestamp() <= now:
+        return Outcome("expired", code="expired", message="not sent: its deadline passed first")
+    return None
+
+
 def decide_lost(*, attempts: int, max_attempts: int, code: str, message: str) -> Outcome:
     """The outcome of a send whose worker was lost or stalled (the rescuer's). The send
     may have reached the provider, so it is retried at once rather than after a backoff

@@ -34,7 +34,7 @@ from typing import Any
 import psycopg
 
 from pgqueue import queries
-from pgqueue.completion import decide
+from pgqueue.completion import decide, expired
 from pgqueue.db import connect
 from pgqueue.errors import first_line
 from pgqueue.logs import DeferredJobLog
@@ -107,6 +107,7 @@ class DispatcherStats:
     completed: int = 0
     retried: int = 0
     failed: int = 0
+    expired: int = 0
     released: int = 0
     fenced: int = 0
     reconnects: int = 0
@@ -492,6 +493,9 @@ class Dispatcher:
         """The send itself, in its rate slot and a local slot."""
         late_ok = job.late_ok
         slot = await self._wait_for_slot(job, job.start_at.timestamp())
+        too_late = expired(job, time.time())
+        if too_late is not None:
+            return too_late
         self._job_log.add(
             "processing",
             f"processing job {job.id}",
@@ -692,7 +696,7 @@ class Dispatcher:
             if outcome is None:
                 continue
             rows.append(outcome.as_row(job.id, job.claim_token))
-            if outcome.kind in ("completed", "failed"):
+            if outcome.kind in ("completed", "failed", "expired"):
                 conversations.add(job.conversation)
             if outcome.pause_tenant:
                 pauses.append((outcome.pause_tenant, f"{outcome.code}: {outcome.message}"))
@@ -743,6 +747,11 @@ class Dispatcher:
                 error=outcome.message,
                 attempts=job.attempts,
                 **common,
+            )
+        elif outcome.kind == "expired":
+            self.stats.expired += 1
+            self._job_log.add(
+                "expired", f"job {job.id} expired before its send: not sent", **common
             )
         else:
             self.stats.released += 1

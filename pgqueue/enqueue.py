@@ -33,6 +33,8 @@ MAX_SCHEDULE_AHEAD = timedelta(days=365)
 # A sendAt in the past means "now"; one further back than this is a client's bug (and a
 # year-1 moment is not even representable in UTC once read back).
 MAX_SCHEDULE_BEHIND = timedelta(days=1)
+# A deadline (validFor, or expiresAt past the send time) of at most a year.
+MAX_VALID_FOR_S = 365 * 86400
 _CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
 _MESSAGE_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
@@ -54,6 +56,7 @@ class _Row:
     content_variables: dict[str, Any] | None
     message_type: str | None
     idempotency_key: str | None
+    expires_at: datetime | None = None
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -172,7 +175,9 @@ def validate(message: Message, *, now: datetime | None = None) -> _Row:
             code="invalid_priority",
             field="priority",
         )
-    run_at = _send_at(message.send_at, now or datetime.now(UTC))
+    now = now or datetime.now(UTC)
+    run_at = _send_at(message.send_at, now)
+    expires_at = _deadline(message, run_at or now, now)
     key = (
         None
         if message.idempotency_key is None
@@ -200,6 +205,7 @@ def validate(message: Message, *, now: datetime | None = None) -> _Row:
         content_variables=variables,
         message_type=message_type,
         idempotency_key=key,
+        expires_at=expires_at,
     )
 
 
@@ -254,6 +260,49 @@ def _send_at(value: object, now: datetime) -> datetime | None:
     return value
 
 
+def _deadline(message: Message, due: datetime, now: datetime) -> datetime | None:
+    """When the message stops being worth sending: `expires_at`, or `valid_for_s` after
+    it is due (its sendAt, else now); None: the queue's TTL for its type, if any."""
+    if message.expires_at is not None and message.valid_for_s is not None:
+        raise ValidationError(
+            "give either expiresAt or validFor, not both",
+            code="invalid_expires_at",
+            field="expiresAt",
+        )
+    if message.valid_for_s is not None:
+        valid_for = message.valid_for_s
+        if isinstance(valid_for, bool) or not 1 <= valid_for <= MAX_VALID_FOR_S:
+            raise ValidationError(
+                f"validFor must be from 1 to {MAX_VALID_FOR_S} seconds",
+                code="invalid_valid_for",
+                field="validFor",
+            )
+        return due + timedelta(seconds=valid_for)
+    expires_at = message.expires_at
+    if expires_at is None:
+        return None
+    if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
+        raise ValidationError(
+            "expiresAt must be a date and time with a time zone (ISO 8601)",
+            code="invalid_expires_at",
+            field="expiresAt",
+        )
+    if expires_at <= max(due, now):
+        raise ValidationError(
+            "expiresAt must be after the message is due (its sendAt, else now): it could "
+            "never be sent",
+            code="invalid_expires_at",
+            field="expiresAt",
+        )
+    if expires_at - due > timedelta(seconds=MAX_VALID_FOR_S):
+        raise ValidationError(
+            "expiresAt must be within a year of the message's send time",
+            code="invalid_expires_at",
+            field="expiresAt",
+        )
+    return expires_at
+
+
 def _params(row: _Row, *, queue: str, max_attempts: int) -> dict[str, Any]:
     return {
         "queue": queue,
@@ -270,6 +319,7 @@ def _params(row: _Row, *, queue: str, max_attempts: int) -> dict[str, Any]:
         else Jsonb(row.content_variables),
         "message_type": row.message_type,
         "idempotency_key": row.idempotency_key,
+        "expires_at": row.expires_at,
         "max_attempts": max_attempts,
     }
 
@@ -488,6 +538,7 @@ async def _insert_batch(
                 ),
                 "message_types": _column([r.message_type for r in batch]),
                 "idempotency_keys": _column([r.idempotency_key for r in batch]),
+                "expires_ats": _column([r.expires_at for r in batch]),
             },
         )
         now = datetime.now(UTC)

@@ -32,6 +32,8 @@ metrics_log = logging.getLogger("pgqueue.metrics")
 
 # A constant advisory key (bigint space) for the maintenance leader.
 LEADER_KEY = 0x70677175_65756501
+# Jobs a sweep of deadlines ends at most (the rescuer sweeps four times a second).
+EXPIRE_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Rescuer:
         self.interval_s = interval_s
 
     async def run_once(self) -> RescueReport:
+        await self.expire()
         async with self.pool.connection() as conn:
             orphans = await queries.fetch_all(
                 conn, "find_orphans", {"queue": self.queue, "grace": self.grace_s}
@@ -88,6 +91,28 @@ class Rescuer:
                 ", ".join(str(r["id"]) for r in applied),
             )
         return RescueReport(len(applied), sum(1 for r in applied if r["outcome"] == "failed"))
+
+    async def expire(self) -> int:
+        """Ends the jobs whose deadline passed before they started (expire_jobs) and lets
+        their conversations go on; returns how many."""
+        async with self.pool.connection() as conn, conn.transaction():
+            # One transaction: a conversation must never be left without its head.
+            gone = await queries.fetch_all(
+                conn, "expire_jobs", {"queue": self.queue, "limit": EXPIRE_BATCH}
+            )
+            heads = sorted({g["conversation"] for g in gone if g["is_head"]})
+            if heads:
+                await queries.execute(
+                    conn, "promote_heads", {"queue": self.queue, "conversations": heads}
+                )
+                await queries.execute(conn, "notify_queue", {"queue": self.queue, "payload": None})
+        for g in gone:
+            log.info(
+                "job %s expired before its send: not sent",
+                g["id"],
+                extra={"job_id": g["id"], "tenant": g["tenant_id"], "event": "expired"},
+            )
+        return len(gone)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -23,7 +23,7 @@ from pgqueue.errors import NotFoundError
 async def queue_metrics(
     conn: queries.Conn, queue: str, *, tenant_id: str | None = None
 ) -> dict[str, Any]:
-    """`waiting, active, completed, failed, delayed, tenantConcurrency,
+    """`waiting, active, completed, failed, delayed, expired, tenantConcurrency,
     maxConcurrencyPerTenant, pausedTenants`. With `tenant_id` every number is that
     tenant's own (its jobs, its counters, its limit); an unknown tenant is NotFoundError."""
     if tenant_id is None:
@@ -34,6 +34,7 @@ async def queue_metrics(
             "completed": int(row.get("completed") or 0),
             "failed": int(row.get("failed") or 0),
             "delayed": int(row.get("delayed") or 0),
+            "expired": int(row.get("expired") or 0),
             "tenantConcurrency": {
                 str(k): int(v) for k, v in sorted((row.get("tenant_concurrency") or {}).items())
             },
@@ -51,6 +52,7 @@ async def queue_metrics(
         "completed": int(one["completed"]),
         "failed": int(one["failed"]),
         "delayed": int(one["delayed"]),
+        "expired": int(one["expired"]),
         "tenantConcurrency": {tenant_id: int(one["in_flight"])},
         "maxConcurrencyPerTenant": int(one["max_concurrency_per_tenant"] or 5),
         "pausedTenants": [tenant_id] if one["paused"] else [],
@@ -126,6 +128,11 @@ class SnapshotCollector:
             "Messages the provider accepted, per tenant",
             labels=["queue", "tenant"],
         )
+        expired = CounterMetricFamily(
+            "pgqueue_sends_expired",
+            "Messages never sent because their deadline passed first, per tenant",
+            labels=["queue", "tenant"],
+        )
         dead = GaugeMetricFamily(
             "pgqueue_dead_letters",
             "Failed jobs kept (dead letters), per tenant",
@@ -146,10 +153,11 @@ class SnapshotCollector:
             labels = [q, str(t["id"])]
             sends.add_metric(labels, float(t["completed_total"]))
             dead.add_metric(labels, float(t["failed_total"]))
+            expired.add_metric(labels, float(t["expired_total"]))
             in_flight.add_metric(labels, float(t["active"]))
             limit.add_metric(labels, float(t["max_concurrency"] or 0))
             paused.add_metric(labels, 1.0 if t["paused"] else 0.0)
-        yield from (sends, dead, in_flight, limit, paused)
+        yield from (sends, expired, dead, in_flight, limit, paused)
 
         failures = GaugeMetricFamily(
             "pgqueue_failures_last_hour",

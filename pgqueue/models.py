@@ -18,6 +18,7 @@ class JobState(enum.StrEnum):
     ACTIVE = "active"
     COMPLETED = "completed"
     FAILED = "failed"
+    EXPIRED = "expired"
 
 
 def conversation_key(tenant_id: str, conversation_id: str) -> str:
@@ -49,6 +50,11 @@ class Message:
     send_at: datetime | None = None
     idempotency_key: str | None = None
     message_type: str | None = None
+    # A deadline: not started by then, the message is never sent (it ends `expired`).
+    # expires_at, or valid_for_s seconds after it is due; neither: the queue's TTL for
+    # its message type, if it has one.
+    expires_at: datetime | None = None
+    valid_for_s: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,8 @@ class Job:
     auth_token: str = field(repr=False)
     fallback_content_sid: str | None = None
     fallback_variable: str | None = None
+    # Not started by then, the job is never sent (it ends expired).
+    expires_at: datetime | None = None
     # The rate is so far above what can be in flight that a late start cannot break G4
     # (claim_jobs in queries.sql): no need to take a new slot when late.
     late_ok: bool = False
@@ -131,6 +139,7 @@ class Outgoing:
     fallback_content_sid: str | None
     fallback_variable: str | None
     job_id: int | None = None
+    expires_at: datetime | None = None
 
     @classmethod
     def from_job(cls, job: Job) -> Outgoing:
@@ -146,6 +155,7 @@ class Outgoing:
             fallback_content_sid=job.fallback_content_sid,
             fallback_variable=job.fallback_variable,
             job_id=job.id,
+            expires_at=job.expires_at,
         )
 
 
@@ -156,7 +166,7 @@ class SendResult:
     channel: Literal["freeform", "template"] = "freeform"
 
 
-OutcomeKind = Literal["completed", "retry", "failed", "release"]
+OutcomeKind = Literal["completed", "retry", "failed", "release", "expired"]
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,9 @@ def add_commands(subparsers: Any) -> None:
     parser_class = type(jobs_p)
     jobs_sub = jobs_p.add_subparsers(dest="action", required=True, parser_class=parser_class)
     lst = jobs_sub.add_parser("list", help="newest jobs first, live and finished")
-    lst.add_argument("--state", choices=["waiting", "delayed", "active", "completed", "failed"])
+    lst.add_argument(
+        "--state", choices=["waiting", "delayed", "active", "completed", "failed", "expired"]
+    )
     lst.add_argument("--tenant")
     lst.add_argument("--conversation")
     lst.add_argument("--limit", type=int, default=50)

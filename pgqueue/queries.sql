@@ -24,7 +24,8 @@ INSERT INTO pgqueue.queues (name) VALUES (%(queue)s) ON CONFLICT (name) DO NOTHI
 -- for it. Suppressed numbers, unknown tenants and a fromNumber that is not one of the
 -- tenant's own senders insert nothing (zero rows back). The conversation key carries
 -- its tenant (pgqueue.models.conversation_key), so it can only be this tenant's.
--- Without an explicit priority, the queue's message-type table gives one (G5).
+-- Without an explicit priority, the queue's message-type table gives one (G5); without
+-- a deadline, its TTL table may give one, counted from when the message is due.
 WITH allowed AS (
     SELECT 1
     FROM pgqueue.tenants t
@@ -43,7 +44,7 @@ WITH allowed AS (
     INSERT INTO pgqueue.jobs (
         queue, tenant_id, conversation, is_head, state, priority, run_at, to_number,
         from_number, body, content_sid, content_variables, message_type, idempotency_key,
-        max_attempts)
+        max_attempts, expires_at)
     SELECT %(queue)s, %(tenant_id)s, %(conversation)s, conv.pending = 1,
            CASE WHEN %(run_at)s::timestamptz > now() THEN 'delayed' ELSE 'waiting' END,
            coalesce(%(priority)s::int,
@@ -51,7 +52,13 @@ WITH allowed AS (
                      FROM pgqueue.queues q WHERE q.name = %(queue)s), 0),
            coalesce(%(run_at)s::timestamptz, now()), %(to_number)s,
            %(from_number)s, %(body)s, %(content_sid)s, %(content_variables)s::jsonb,
-           %(message_type)s, %(idempotency_key)s, %(max_attempts)s
+           %(message_type)s, %(idempotency_key)s, %(max_attempts)s,
+           coalesce(%(expires_at)s::timestamptz,
+                    coalesce(%(run_at)s::timestamptz, now())
+                    + make_interval(secs => (SELECT (q.message_type_ttls
+                                                     ->> %(message_type)s::text)::float8
+                                             FROM pgqueue.queues q
+                                             WHERE q.name = %(queue)s)))
     FROM conv
     RETURNING id, state, run_at, created_at
 )
@@ -67,16 +74,18 @@ FROM job, conv;
 -- one conversation keep their input order (`ord`); conversation rows are upserted once
 -- each, in key order, so concurrent batches cannot deadlock on them.
 WITH types AS (
-    SELECT message_type_priorities AS priorities FROM pgqueue.queues WHERE name = %(queue)s
+    SELECT message_type_priorities AS priorities, message_type_ttls AS ttls
+    FROM pgqueue.queues WHERE name = %(queue)s
 ), input AS (
     SELECT *
     FROM unnest(%(tenant_ids)s::text[], %(conversations)s::text[], %(priorities)s::int[],
                 %(run_ats)s::timestamptz[], %(to_numbers)s::text[], %(from_numbers)s::text[],
                 %(bodies)s::text[], %(content_sids)s::text[], %(content_variables)s::jsonb[],
-                %(message_types)s::text[], %(idempotency_keys)s::text[])
+                %(message_types)s::text[], %(idempotency_keys)s::text[],
+                %(expires_ats)s::timestamptz[])
          WITH ORDINALITY AS i(tenant_id, conversation, priority, run_at, to_number,
                               from_number, body, content_sid, content_variables,
-                              message_type, idempotency_key, ord)
+                              message_type, idempotency_key, expires_at, ord)
 ), counts AS (
     SELECT conversation, count(*)::int AS n FROM input GROUP BY conversation
 ), conv AS (
@@ -95,12 +104,15 @@ WITH types AS (
     INSERT INTO pgqueue.jobs (
         queue, tenant_id, conversation, is_head, state, priority, run_at, to_number,
         from_number, body, content_sid, content_variables, message_type, idempotency_key,
-        max_attempts)
+        max_attempts, expires_at)
     SELECT %(queue)s, tenant_id, conversation, position = 1,
            CASE WHEN run_at > now() THEN 'delayed' ELSE 'waiting' END,
            coalesce(priority, ((SELECT priorities FROM types) ->> message_type)::int, 0),
            coalesce(run_at, now()), to_number, from_number, body, content_sid,
-           content_variables, message_type, idempotency_key, %(max_attempts)s
+           content_variables, message_type, idempotency_key, %(max_attempts)s,
+           coalesce(expires_at, coalesce(run_at, now())
+                                + make_interval(secs => ((SELECT ttls FROM types)
+                                                         ->> message_type)::float8))
     FROM numbered
     ORDER BY ord
     RETURNING id, seq, state, run_at, created_at, conversation
@@ -261,6 +273,8 @@ WITH q AS (
               FROM pgqueue.jobs j
               WHERE j.queue = %(queue)s AND j.tenant_id = ft.id
                 AND j.is_head AND j.state = 'waiting'
+                -- Past its deadline a head is never sent (expire_jobs ends it).
+                AND (j.expires_at IS NULL OR j.expires_at > (SELECT now FROM q))
               ORDER BY j.priority DESC, j.seq
               -- A tenant's (n+1)-th head can never be among the n chosen: read no more.
               LIMIT greatest(ft.free, 0)) x
@@ -342,7 +356,7 @@ WITH q AS (
 )
 SELECT c.id, c.queue, c.tenant_id, c.conversation, c.priority, c.to_number, c.from_number,
        c.body, c.content_sid, c.content_variables, c.message_type, c.attempts,
-       c.max_attempts, c.claim_token, c.start_at, c.created_at,
+       c.max_attempts, c.claim_token, c.start_at, c.created_at, c.expires_at,
        extract(epoch FROM c.start_at - q.now)::float8 AS start_delay,
        q.late_ok AND t.rate_per_second IS NULL AS late_ok,
        (1.0 / (t.rate_per_second * %(headroom)s))::float8 AS rate_spacing,
@@ -417,7 +431,7 @@ WITH input AS (
 ), finished AS (
     DELETE FROM pgqueue.jobs j
     USING mine m
-    WHERE j.id = m.id AND m.outcome IN ('completed', 'failed')
+    WHERE j.id = m.id AND m.outcome IN ('completed', 'failed', 'expired')
     RETURNING j.*, m.outcome, m.code AS new_code, m.message AS new_message,
               m.sid AS new_sid, m.status AS new_status, m.channel AS new_channel
 ), history AS (
@@ -425,14 +439,14 @@ WITH input AS (
         id, seq, queue, tenant_id, conversation, priority, run_at, to_number, from_number,
         body, content_sid, content_variables, message_type, idempotency_key, attempts,
         max_attempts, last_error_code, last_error_message, provider_sid, provider_status,
-        channel, created_at, started_at, state, finished_at)
+        channel, created_at, started_at, expires_at, state, finished_at)
     SELECT id, seq, queue, tenant_id, conversation, priority, run_at, to_number,
            from_number, body, content_sid, content_variables, message_type,
            idempotency_key, attempts, max_attempts,
            coalesce(f.new_code, f.last_error_code),
            coalesce(f.new_message, f.last_error_message),
            coalesce(f.new_sid, f.provider_sid), coalesce(f.new_status, f.provider_status),
-           coalesce(f.new_channel, f.channel), created_at, started_at, f.outcome,
+           coalesce(f.new_channel, f.channel), created_at, started_at, expires_at, f.outcome,
            clock_timestamp()
     FROM finished f
 ), requeued AS (
@@ -451,15 +465,17 @@ WITH input AS (
     -- Finished sends per tenant, added to this session's shard of the totals (one of 16,
     -- by backend pid), so completions of different workers never wait for each other's
     -- rows; rows in key order, so they cannot deadlock when two sessions share a shard.
-    INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, completed, failed)
+    INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, completed, failed, expired)
     SELECT tenant_id, pgqueue.counter_shard(),
            count(*) FILTER (WHERE outcome = 'completed'),
-           count(*) FILTER (WHERE outcome = 'failed')
+           count(*) FILTER (WHERE outcome = 'failed'),
+           count(*) FILTER (WHERE outcome = 'expired')
     FROM finished
     GROUP BY tenant_id
     ORDER BY tenant_id
     ON CONFLICT (tenant_id, shard) DO UPDATE
-    SET completed = tt.completed + excluded.completed, failed = tt.failed + excluded.failed
+    SET completed = tt.completed + excluded.completed, failed = tt.failed + excluded.failed,
+        expired = tt.expired + excluded.expired
 ), conversation_counts AS (
     UPDATE pgqueue.conversations c
     SET pending = c.pending - x.n, updated_at = clock_timestamp()
@@ -468,6 +484,51 @@ WITH input AS (
     WHERE c.queue = %(queue)s AND c.conversation = x.conversation
 )
 SELECT m.id, m.outcome, m.conversation FROM mine m;
+
+
+-- name: expire_jobs
+-- Ends the live jobs of the queue whose deadline has passed before they started
+-- (waiting or delayed, head or not; an active one is being sent and finishes as it
+-- goes): each moves to job_history as `expired`, its conversation's pending count and
+-- its tenant's totals move with it, and promote_heads follows for the conversations
+-- whose head it was, so they go on with their next message. Rows a claim holds are
+-- skipped (SKIP LOCKED): the claim does not take an expired head, and the next sweep
+-- gets it. Through jobs_expiring, at most %(limit)s a sweep.
+WITH due AS (
+    SELECT j.id FROM pgqueue.jobs j
+    WHERE j.queue = %(queue)s AND j.expires_at <= clock_timestamp() AND j.state <> 'active'
+    ORDER BY j.expires_at, j.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM pgqueue.jobs j USING due d
+    WHERE j.id = d.id AND j.state <> 'active'
+    RETURNING j.*
+), history AS (
+    INSERT INTO pgqueue.job_history (
+        id, seq, queue, tenant_id, conversation, priority, run_at, to_number, from_number,
+        body, content_sid, content_variables, message_type, idempotency_key, attempts,
+        max_attempts, last_error_code, last_error_message, provider_sid, provider_status,
+        channel, created_at, started_at, expires_at, state, finished_at)
+    SELECT id, seq, queue, tenant_id, conversation, priority, run_at, to_number,
+           from_number, body, content_sid, content_variables, message_type,
+           idempotency_key, attempts, max_attempts, 'expired',
+           'not sent: its deadline passed first', provider_sid, provider_status, channel,
+           created_at, started_at, expires_at, 'expired', clock_timestamp()
+    FROM gone
+), totals AS (
+    INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, expired)
+    SELECT tenant_id, pgqueue.counter_shard(), count(*) FROM gone
+    GROUP BY tenant_id ORDER BY tenant_id
+    ON CONFLICT (tenant_id, shard) DO UPDATE SET expired = tt.expired + excluded.expired
+), conversation_counts AS (
+    UPDATE pgqueue.conversations c
+    SET pending = c.pending - x.n, updated_at = clock_timestamp()
+    FROM (SELECT conversation, count(*)::int AS n FROM gone
+          GROUP BY conversation ORDER BY conversation) x
+    WHERE c.queue = %(queue)s AND c.conversation = x.conversation
+)
+SELECT id, tenant_id, conversation, is_head FROM gone;
 
 
 -- name: promote_heads
@@ -786,6 +847,7 @@ SELECT
   c.total - c.active - c.delayed AS waiting, c.active, c.delayed,
   (SELECT coalesce(sum(f.completed), 0) FROM pgqueue.tenant_finished f) AS completed,
   (SELECT coalesce(sum(f.failed), 0) FROM pgqueue.tenant_finished f) AS failed,
+  (SELECT coalesce(sum(f.expired), 0) FROM pgqueue.tenant_finished f) AS expired,
   (SELECT coalesce(jsonb_object_agg(t.id, coalesce(b.n, 0)), '{}'::jsonb)
    FROM pgqueue.tenants t
    LEFT JOIN pgqueue.tenant_in_flight b ON b.tenant_id = t.id) AS tenant_concurrency,
@@ -808,7 +870,7 @@ FROM (
 -- the tenant does not exist.
 SELECT c.total - c.active - c.delayed AS waiting, c.active, c.delayed,
        coalesce(f.completed, 0) AS completed, coalesce(f.failed, 0) AS failed,
-       c.active AS in_flight,
+       coalesce(f.expired, 0) AS expired, c.active AS in_flight,
        coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency_per_tenant,
        t.paused
 FROM pgqueue.tenants t
@@ -830,7 +892,8 @@ WHERE t.id = %(tenant_id)s;
 SELECT t.id, coalesce(b.n, 0) AS active,
        coalesce(t.max_concurrency, q.tenant_concurrency) AS max_concurrency,
        t.paused, t.pause_reason, coalesce(f.completed, 0) AS completed_total,
-       coalesce(f.failed, 0) AS failed_total, t.updated_at
+       coalesce(f.failed, 0) AS failed_total, coalesce(f.expired, 0) AS expired_total,
+       t.updated_at
 FROM pgqueue.tenants t
 LEFT JOIN pgqueue.queues q ON q.name = %(queue)s
 LEFT JOIN pgqueue.tenant_in_flight b ON b.tenant_id = t.id

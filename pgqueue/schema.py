@@ -62,6 +62,9 @@ queues = Table(
             """'{"customer_service": 10, "marketing": 5, "notification": 0}'::jsonb"""
         ),
     ),
+    # Seconds a message of a type may wait before it is worth nothing (expires_at for a
+    # message that gives none), e.g. {"marketing": 3600}; a type not named never expires.
+    Column("message_type_ttls", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("created_at", TZ, nullable=False, server_default=NOW),
     Column("updated_at", TZ, nullable=False, server_default=NOW),
     CheckConstraint("global_concurrency >= 1", name="queues_global_concurrency_positive"),
@@ -130,6 +133,7 @@ tenant_totals = Table(
     Column("shard", SmallInteger, nullable=False),
     Column("completed", BigInteger, nullable=False, server_default=text("0")),
     Column("failed", BigInteger, nullable=False, server_default=text("0")),
+    Column("expired", BigInteger, nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("tenant_id", "shard", name="tenant_totals_pkey"),
 )
 
@@ -190,6 +194,8 @@ def _message_columns(*, live: bool) -> list[Column[object]]:
         Column("channel", Text),
         Column("created_at", TZ, nullable=False, server_default=NOW),
         Column("started_at", TZ),
+        # Not started by then, a message is never sent: it ends `expired` (its deadline).
+        Column("expires_at", TZ),
     ]
 
 
@@ -250,6 +256,7 @@ jobs = Table(
         postgresql_where=text("state = 'active'"),
     ),
     Index("jobs_conversation_order", "queue", "conversation", "seq"),
+    Index("jobs_expiring", "queue", "expires_at", postgresql_where=text("expires_at IS NOT NULL")),
     Index(
         "jobs_idempotency",
         "tenant_id",
@@ -268,7 +275,9 @@ job_history = Table(
     Column("state", Text, nullable=False),
     Column("finished_at", TZ, nullable=False, server_default=NOW),
     PrimaryKeyConstraint("id", "finished_at", name="job_history_pkey"),
-    CheckConstraint("state IN ('completed', 'failed')", name="job_history_state_finished"),
+    CheckConstraint(
+        "state IN ('completed', 'failed', 'expired')", name="job_history_state_finished"
+    ),
     Index("job_history_provider_sid", "provider_sid"),
     Index(
         "job_history_idempotency",

@@ -19,7 +19,7 @@ from pgqueue import models as domain
 from pgqueue.http.errors import HttpError
 from pgqueue.models import Enqueued, conversation_id
 
-JobStates = Literal["waiting", "delayed", "active", "completed", "failed"]
+JobStates = Literal["waiting", "delayed", "active", "completed", "failed", "expired"]
 
 
 class Answer(msgspec.Struct, rename="camel", kw_only=True):
@@ -72,6 +72,29 @@ class Message(Model):
     send_at: (
         Annotated[
             datetime, Meta(tz=True, description="Send at (ISO 8601 with a zone, within a year)")
+        ]
+        | None
+    ) = None
+    expires_at: (
+        Annotated[
+            datetime,
+            Meta(
+                tz=True,
+                description="Deadline: not started by then, the message is never sent (it "
+                "ends `expired`); Twilio gets the time left as ValidityPeriod",
+            ),
+        ]
+        | None
+    ) = None
+    valid_for: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                le=enqueue.MAX_VALID_FOR_S,
+                description="Deadline in seconds after the message is due (its sendAt, "
+                "else now); instead of expiresAt",
+            ),
         ]
         | None
     ) = None
@@ -166,6 +189,7 @@ class QueueMetrics(Answer):
     tenant_concurrency: dict[str, Annotated[int, Meta(ge=0)]]
     max_concurrency_per_tenant: Annotated[int, Meta(ge=1)]
     paused_tenants: list[str] = []
+    expired: Annotated[int, Meta(ge=0, description="never sent: their deadline passed")] = 0
 
 
 class Job(Answer):
@@ -190,6 +214,7 @@ class Job(Answer):
     run_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    expires_at: datetime | None
 
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> Job:
@@ -213,6 +238,7 @@ class Job(Answer):
             run_at=row["run_at"],
             started_at=row["started_at"],
             finished_at=row["finished_at"],
+            expires_at=row.get("expires_at"),
         )
 
 
@@ -296,6 +322,8 @@ _RULE_CODES = {
     "priority": "invalid_priority",
     "sendAt": "invalid_send_at",
     "contentVariables": "invalid_content_variables",
+    "expiresAt": "invalid_expires_at",
+    "validFor": "invalid_valid_for",
     "phoneNumber": "invalid_phone_number",
     "messages": "invalid_request",
 }
@@ -366,4 +394,6 @@ def message(model: Message, tenant_id: str) -> domain.Message:
         send_at=model.send_at,
         idempotency_key=model.idempotency_key,
         message_type=model.message_type,
+        expires_at=model.expires_at,
+        valid_for_s=model.valid_for,
     )

@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -188,6 +189,17 @@ class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
         await self.session.close()
 
 
+# Twilio's bounds for ValidityPeriod, in seconds.
+VALIDITY_MIN_S, VALIDITY_MAX_S = 1, 36_000
+
+
+def validity_period(expires_at: datetime, now: float) -> int:
+    """The seconds left until `expires_at`, within the bounds Twilio takes; a deadline
+    further out than 10 hours is Twilio's longest, 36,000 s."""
+    left = int(expires_at.timestamp() - now)
+    return max(VALIDITY_MIN_S, min(VALIDITY_MAX_S, left))
+
+
 def _whatsapp(number: str) -> str:
     return number if number.startswith("whatsapp:") else "whatsapp:" + number
 
@@ -339,6 +351,9 @@ class TwilioProvider:
         callback = self._status_callback(out.tenant_id)
         if callback is not None:
             params["status_callback"] = callback
+        if out.expires_at is not None:
+            # Twilio drops the message too if it cannot deliver it before the deadline.
+            params["validity_period"] = validity_period(out.expires_at, time.time())
         _response_headers.set(None)
         try:
             message = await client.messages.create_async(**params)

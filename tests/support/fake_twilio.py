@@ -102,6 +102,7 @@ class Record:
     content_sid: str | None
     content_variables: str | None
     status_callback: str | None
+    validity_period: str | None = None
     t_end: float | None = None
     outcome: str = "pending"
     status: int | None = None
@@ -462,6 +463,7 @@ class FakeTwilio:
             content_sid=field("ContentSid"),
             content_variables=field("ContentVariables"),
             status_callback=field("StatusCallback"),
+            validity_period=field("ValidityPeriod"),
         )
         self._enter(rec)
         try:
