@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 
 from pgqueue import queries
 from pgqueue.credentials import Keyring, is_sealed
-from pgqueue.enqueue import normalize_phone
+from pgqueue.enqueue import MAX_VALID_FOR_S, normalize_phone
 from pgqueue.errors import NotFoundError, PgQueueError, ValidationError, first_line
 
 _TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -327,6 +327,7 @@ class QueueLimits:
     rate_per_second: float
     retention_days: int
     message_type_priorities: dict[str, int]
+    message_type_ttls: dict[str, float]
     active: int
 
 
@@ -347,7 +348,11 @@ async def set_queue(
     rate_per_second: float | None = None,
     retention_days: int | None = None,
     message_type_priorities: dict[str, int] | None = None,
+    message_type_ttls: dict[str, float | None] | None = None,
 ) -> QueueLimits:
+    """Changes what is given. `message_type_ttls` adds to the queue's TTLs per message
+    type (seconds a message of that type may wait when it gives no deadline); a type
+    given None loses its TTL."""
     changes: dict[str, Any] = {}
     if global_concurrency is not None:
         changes["global_concurrency"] = _positive_int(global_concurrency, "global_concurrency")
@@ -365,6 +370,14 @@ async def set_queue(
                     field="message_type_priorities",
                 )
         changes["message_type_priorities"] = Jsonb(message_type_priorities)
+    if message_type_ttls is not None:
+        for key, ttl in message_type_ttls.items():
+            if ttl is not None and not 1 <= ttl <= MAX_VALID_FOR_S:
+                raise ValidationError(
+                    f"TTL of message type {key!r} must be from 1 to {MAX_VALID_FOR_S} seconds",
+                    field="message_type_ttls",
+                )
+        changes["message_type_ttls"] = Jsonb(message_type_ttls)
     await queries.ensure_queue(conn, queue)
     if changes:
         limits = (
@@ -373,6 +386,7 @@ async def set_queue(
             "rate_per_second",
             "retention_days",
             "message_type_priorities",
+            "message_type_ttls",
         )
         await queries.execute(
             conn, "admin_set_queue", {**{k: changes.get(k) for k in limits}, "queue": queue}

@@ -50,6 +50,13 @@ def _int_or_default(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'default'") from None
 
 
+def _ttl(text: str) -> tuple[str, float | None]:
+    kind, sep, seconds = text.partition("=")
+    if not sep or not kind:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TYPE=SECONDS (or TYPE=none)")
+    return kind, _float_or_none(seconds)
+
+
 def _float_or_none(text: str) -> float | None:
     if text in ("none", "default"):
         return None
@@ -156,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     qset.add_argument("--tenant-concurrency", type=int)
     qset.add_argument("--rate", type=_nonneg_float, help="sends per second for the whole queue")
     qset.add_argument("--retention-days", type=int)
+    qset.add_argument(
+        "--message-type-ttl",
+        action="append",
+        default=[],
+        type=_ttl,
+        metavar="TYPE=SECONDS|none",
+        help="a message of TYPE that gives no deadline expires this long after it is due "
+        "(repeatable; none: no TTL)",
+    )
 
     dash = sub.add_parser("dashboard-url", help="print a signed link to the dashboard")
     dash.add_argument("--base-url", default="http://127.0.0.1:8000", help="where the API runs")
@@ -413,6 +429,7 @@ async def _queue(args: argparse.Namespace, settings: Settings) -> int:
                 tenant_concurrency=args.tenant_concurrency,
                 rate_per_second=args.rate,
                 retention_days=args.retention_days,
+                message_type_ttls=dict(args.message_type_ttl) or None,
             )
         else:
             limits = await admin.get_queue(conn, settings.queue_name)
@@ -424,6 +441,12 @@ async def _queue(args: argparse.Namespace, settings: Settings) -> int:
                 f"tenant concurrency {limits.tenant_concurrency}, rate "
                 f"{limits.rate_per_second:g}/s, retention {limits.retention_days} days, "
                 f"{limits.active} in flight"
+                + (
+                    ", TTL "
+                    + ", ".join(f"{k} {v:g} s" for k, v in sorted(limits.message_type_ttls.items()))
+                    if limits.message_type_ttls
+                    else ""
+                )
             )
         return 0
 

@@ -1315,7 +1315,7 @@ UPDATE pgqueue.tenants SET auth_token = %(auth_token)s, updated_at = now() WHERE
 -- name: admin_queue
 -- A queue's limits, with its sends in flight.
 SELECT name, global_concurrency, tenant_concurrency, rate_per_second, retention_days,
-       message_type_priorities,
+       message_type_priorities, message_type_ttls,
        (SELECT count(*) FROM pgqueue.jobs j
         WHERE j.queue = queues.name AND j.state = 'active')::int AS active
 FROM pgqueue.queues WHERE name = %(queue)s;
@@ -1330,6 +1330,9 @@ UPDATE pgqueue.queues SET
     retention_days = coalesce(%(retention_days)s::int, retention_days),
     message_type_priorities = coalesce(%(message_type_priorities)s::jsonb,
                                        message_type_priorities),
+    message_type_ttls = CASE WHEN %(message_type_ttls)s::jsonb IS NULL THEN message_type_ttls
+                             ELSE jsonb_strip_nulls(message_type_ttls
+                                                    || %(message_type_ttls)s::jsonb) END,
     updated_at = now()
 WHERE name = %(queue)s;
 

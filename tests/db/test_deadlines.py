@@ -17,6 +17,7 @@ from pgqueue.enqueue import validate
 from pgqueue.errors import ValidationError
 from pgqueue.metrics import queue_metrics
 from pgqueue.models import Message
+from tests.db.test_ops_cli import pgqueue
 from tests.db.test_twilio_delivery import twilio_worker
 from tests.support.fake_twilio import FakeTwilio
 from tests.support.helpers import ACCOUNT, add_tenants, phone, send, wait_until_drained
@@ -96,3 +97,24 @@ def test_a_deadline_must_leave_time_to_send() -> None:
     due = now + timedelta(hours=2)
     row = validate(Message(**{**base.__dict__, "send_at": due, "valid_for_s": 600}), now=now)
     assert row.expires_at == due + timedelta(seconds=600)
+
+
+async def test_queue_ttls_per_message_type_are_set_from_the_cli(db_url: str, conn: Any) -> None:
+    done = await pgqueue(
+        db_url, "queue", "set", "--message-type-ttl", "marketing=3600",
+        "--message-type-ttl", "notification=600",
+    )  # fmt: skip
+    assert done.code == 0, done.err
+    assert "TTL marketing 3600 s, notification 600 s" in done.out
+    done = await pgqueue(db_url, "queue", "set", "--message-type-ttl", "marketing=none")
+    assert (await pgqueue(db_url, "queue", "show", "--json")).json()["message_type_ttls"] == {
+        "notification": 600
+    }
+    refused = await pgqueue(db_url, "queue", "set", "--message-type-ttl", "marketing=0")
+    assert refused.code == 2 and "marketing" in refused.err
+    await add_tenants(conn, 1)
+    due = datetime.now(UTC)
+    job = await send(conn, "t0", 1, text="ready", message_type="notification")
+    cur = await conn.execute("SELECT expires_at FROM pgqueue.jobs WHERE id = %s", (job.job_id,))
+    expires_at = (await cur.fetchone())["expires_at"]
+    assert timedelta(seconds=599) < expires_at - due < timedelta(seconds=602)
