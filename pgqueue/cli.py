@@ -337,6 +337,7 @@ async def _tenant(args: argparse.Namespace, settings: Settings) -> int:
                         "rate_per_second",
                         "active",
                         "paused",
+                        "paused_until",
                         "pause_reason",
                         "completed_total",
                         "failed_total",

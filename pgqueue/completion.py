@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pgqueue.errors import (
     PermanentSendError,
+    SenderLimitError,
     SendError,
     TenantSendError,
     TransientSendError,
@@ -48,6 +49,14 @@ def decide(job: Job, result: SendResult | BaseException, *, backoff_ms: int) -> 
             code=_code(result),
             message=message,
             pause_tenant=job.tenant_id,
+        )
+    if isinstance(result, SenderLimitError):
+        return Outcome(
+            "release",
+            delay=result.rest_s,
+            code=_code(result),
+            message=message,
+            rest_tenant_s=result.rest_s,
         )
     if isinstance(result, PermanentSendError):
         return Outcome(

@@ -690,6 +690,7 @@ class Dispatcher:
         conversations: set[str] = set()
         pauses: list[tuple[str, str]] = []
         suppressions: list[tuple[str, str, str]] = []
+        rests: list[tuple[str, float, str]] = []
         throttle = 0.0
         for entry in batch:
             job, outcome = entry.job, entry.outcome
@@ -700,11 +701,17 @@ class Dispatcher:
                 conversations.add(job.conversation)
             if outcome.pause_tenant:
                 pauses.append((outcome.pause_tenant, f"{outcome.code}: {outcome.message}"))
+            if outcome.rest_tenant_s:
+                rests.append(
+                    (job.tenant_id, outcome.rest_tenant_s, f"{outcome.code}: {outcome.message}")
+                )
             if outcome.suppress and outcome.code:
                 suppressions.append((job.tenant_id, job.to_number, outcome.code))
             if outcome.throttle_s:
                 throttle = max(throttle, outcome.throttle_s)
-        return queries.Outcomes(rows, sorted(conversations), pauses, suppressions, throttle or None)
+        return queries.Outcomes(
+            rows, sorted(conversations), pauses, suppressions, throttle or None, rests
+        )
 
     def _log_outcome(self, entry: _InFlight, applied: bool) -> None:
         job, outcome = entry.job, entry.outcome

@@ -128,6 +128,24 @@ class TenantSendError(SendError):
     """
 
 
+class SenderLimitError(SendError):
+    """The tenant's WhatsApp sender hit a limit of Twilio's or Meta's (the business's
+    messaging tier, the sender's queue at Twilio being full): the sender rests `rest_s`
+    seconds and then goes on by itself; the message waits without spending its attempt,
+    and other tenants' sends go on."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rest_s: float,
+        provider_code: str | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        super().__init__(message, provider_code=provider_code, http_status=http_status)
+        self.rest_s = rest_s
+
+
 def exit_code(run: Callable[[], int], prog: str = "pgqueue") -> int:
     """Runs a command and turns what a user can cause into one line on stderr and an exit
     code, never a traceback: a PgQueueError or an unmigrated database exits 2, an

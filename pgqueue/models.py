@@ -183,13 +183,15 @@ class Outcome:
     # Side effects on the whole queue or tenant, applied with the outcome.
     throttle_s: float | None = None
     pause_tenant: str | None = None
+    # The tenant's sender rests this long (a limit of its own at Twilio), then goes on.
+    rest_tenant_s: float | None = None
     suppress: bool = False
 
     @property
     def needs_queue_lock(self) -> bool:
         """Pausing the queue or a tenant writes rows claims write: under the queue lock
         (its lock order), or it could deadlock with a claim."""
-        return bool(self.throttle_s or self.pause_tenant)
+        return bool(self.throttle_s or self.pause_tenant or self.rest_tenant_s)
 
     def as_row(self, job_id: int, token: uuid.UUID) -> dict[str, Any]:
         return {

@@ -103,6 +103,8 @@ class Outcomes:
     pauses: Sequence[tuple[str, str]] = ()
     suppressions: Sequence[tuple[str, str, str]] = ()
     throttle_s: float | None = None
+    # (tenant, seconds, reason): the tenant's sender rests that long (rest_tenant).
+    rests: Sequence[tuple[str, float, str]] = ()
 
 
 @dataclass
@@ -292,6 +294,10 @@ async def _write_outcomes(conn: Conn, queue: str, outcomes: Outcomes) -> psycopg
     leaves a conversation that still has its head alone."""
     for tenant_id, reason in outcomes.pauses:
         await conn.execute(sql("pause_tenant"), {"tenant_id": tenant_id, "reason": reason})
+    for tenant_id, seconds, reason in outcomes.rests:
+        await conn.execute(
+            sql("rest_tenant"), {"tenant_id": tenant_id, "seconds": seconds, "reason": reason}
+        )
     for tenant_id, phone, code in outcomes.suppressions:
         await conn.execute(
             sql("suppress_number"),

@@ -260,7 +260,7 @@ WITH q AS (
     -- a claim's few would read every tenant.
     CROSS JOIN LATERAL (SELECT * FROM pgqueue.tenants x WHERE x.id = l.id OFFSET 0) t
     CROSS JOIN q
-    WHERE NOT t.paused
+    WHERE NOT t.paused AND (t.paused_until IS NULL OR t.paused_until <= q.now)
 ), candidates AS (
     -- Numbered in the tenant's own order, where the index hands them over sorted: the
     -- k-th puts its tenant at active + k sends in flight.
@@ -599,6 +599,15 @@ WHERE claim_token = ANY(%(tokens)s::uuid[]) AND state = 'active';
 UPDATE pgqueue.queues
 SET rate_tat = greatest(rate_tat, clock_timestamp() + make_interval(secs => %(seconds)s))
 WHERE name = %(queue)s;
+
+
+-- name: rest_tenant
+-- The tenant's WhatsApp sender hit a limit of its own at Twilio (messaging tier, its
+-- queue full): claims pass it over until paused_until, then it goes on by itself.
+UPDATE pgqueue.tenants
+SET paused_until = greatest(paused_until, now() + make_interval(secs => %(seconds)s)),
+    pause_reason = %(reason)s, updated_at = now()
+WHERE id = %(tenant_id)s;
 
 
 -- name: pause_tenant
@@ -1222,7 +1231,7 @@ SELECT pgqueue.drop_history_partitions(
 -- Tenants as operators see them, one (`id`) or all: never the auth token; sends in
 -- flight and finished ones from the views that count and sum them.
 SELECT t.id, t.name, t.account_sid, t.whatsapp_from, t.senders, t.max_concurrency,
-       t.rate_per_second, t.paused, t.pause_reason, t.fallback_content_sid,
+       t.rate_per_second, t.paused, t.paused_until, t.pause_reason, t.fallback_content_sid,
        t.fallback_variable, coalesce(f.n, 0) AS active, t.last_served_at,
        coalesce(d.completed, 0) AS completed_total, coalesce(d.failed, 0) AS failed_total,
        t.created_at

@@ -88,6 +88,9 @@ tenants = Table(
     Column("rate_per_second", Double),
     Column("rate_tat", TZ, nullable=False, server_default=NOW),
     Column("paused", Boolean, nullable=False, server_default=text("false")),
+    # Until then claims pass the tenant over: its WhatsApp sender rests after a limit of
+    # its own at Twilio (messaging tier, its queue full), then goes on by itself.
+    Column("paused_until", TZ),
     Column("pause_reason", Text),
     Column("fallback_content_sid", Text),
     Column("fallback_variable", Text),

@@ -41,6 +41,7 @@ from pgqueue.credentials import Keyring, open_for_send
 from pgqueue.errors import (
     SUPPRESS_CODES,
     PermanentSendError,
+    SenderLimitError,
     SendError,
     TenantSendError,
     TransientSendError,
@@ -54,6 +55,14 @@ Channel = Literal["freeform", "template"]
 
 # Twilio error codes (https://www.twilio.com/docs/api/errors) that decide the class of a
 # failure before its HTTP status does.
+# Limits of one WhatsApp sender, with how long it rests before it sends again: the
+# business's 24-hour messaging tier (63018), the sender's queue at Twilio full (21611,
+# 30001). Only that tenant waits; the rest of the queue goes on.
+SENDER_REST_S = {
+    63018: 3600.0,  # messaging limit tier reached for the business
+    21611: 60.0,  # the From number has too many messages queued at Twilio
+    30001: 60.0,  # queue overflow at Twilio for this sender
+}
 TENANT_CODES = frozenset(
     {
         20003,  # authentication failed: the tenant's credentials are wrong
@@ -63,7 +72,6 @@ TENANT_CODES = frozenset(
 TRANSIENT_CODES = frozenset(
     {
         20429,  # too many requests
-        21611,  # the From number has too many queued messages
     }
 )
 PERMANENT_CODES = frozenset(
@@ -250,6 +258,10 @@ def map_twilio_error(
 
     if code in TENANT_CODES or status == 401:
         return TenantSendError(message, **common)
+    if code in SENDER_REST_S:
+        # Before the 429 test: the limit is this sender's, not the queue's.
+        rest = max(SENDER_REST_S[code], _retry_after(headers) or 0.0)
+        return SenderLimitError(message, rest_s=rest, **common)
     if status == 429 or code == 20429:
         return TransientSendError(
             message, retry_after=_retry_after(headers), throttle=True, **common

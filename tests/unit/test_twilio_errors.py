@@ -12,7 +12,12 @@ from twilio.base.exceptions import TwilioException
 from twilio.base.version import Version
 from twilio.http.response import Response
 
-from pgqueue.errors import PermanentSendError, TenantSendError, TransientSendError
+from pgqueue.errors import (
+    PermanentSendError,
+    SenderLimitError,
+    TenantSendError,
+    TransientSendError,
+)
 from pgqueue.providers.twilio import _retry_after, map_transport_error, map_twilio_error
 
 TOKEN = "tok_" + "secret" * 5
@@ -48,7 +53,9 @@ def twilio_body(status: int, code: int, message: str = "boom") -> dict[str, obje
         (400, 12345, PermanentSendError, False),
         (401, 20003, TenantSendError, None),
         (400, 63007, TenantSendError, None),
-        (400, 21611, TransientSendError, None),
+        (400, 21611, SenderLimitError, None),
+        (429, 63018, SenderLimitError, None),
+        (429, 30001, SenderLimitError, None),
         (500, 20500, TransientSendError, None),
         (503, 20503, TransientSendError, None),
         (429, 20429, TransientSendError, None),
@@ -63,6 +70,15 @@ def test_code_table(status: int, code: int, kind: type, suppress: bool | None) -
     if suppress is not None:
         assert isinstance(err, PermanentSendError)
         assert err.suppress is suppress
+
+
+def test_a_sender_limit_rests_the_sender_not_the_queue() -> None:
+    tier = map_twilio_error(sdk_error(429, twilio_body(429, 63018)), auth_token=TOKEN)
+    full = map_twilio_error(
+        sdk_error(400, twilio_body(400, 21611)), auth_token=TOKEN, headers={"Retry-After": "90"}
+    )
+    assert isinstance(tier, SenderLimitError) and tier.rest_s == 3600.0
+    assert isinstance(full, SenderLimitError) and full.rest_s == 90.0
 
 
 def test_429_throttles_with_retry_after_seconds() -> None:
