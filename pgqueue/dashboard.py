@@ -165,7 +165,10 @@ async def snapshot(conn: queries.Conn, queue: str) -> dict[str, Any]:
     rate_wait = float(limits.get("rate_wait") or 0.0)
     return {
         "queue": queue,
-        "counts": {k: metrics[k] for k in ("waiting", "active", "delayed", "completed", "failed")},
+        "counts": {
+            k: metrics[k]
+            for k in ("waiting", "active", "delayed", "completed", "failed", "expired")
+        },
         "limits": {
             "global": limits.get("global_concurrency"),
             "tenant": limits.get("tenant_concurrency"),
@@ -325,7 +328,7 @@ async function refresh() {
   el("status").textContent = "updated " + new Date().toLocaleTimeString() +
     " · " + d.workers + " worker(s)";
   el("queue").textContent = d.queue;
-  el("counts").innerHTML = ["waiting","active","delayed","completed","failed"].map(k =>
+  el("counts").innerHTML = ["waiting","active","delayed","completed","failed","expired"].map(k =>
     `<div class="count" data-state="${k}"><b>${d.counts[k]}</b><span>${k}</span></div>`).join("");
   el("rate").textContent = `limits: ${d.limits.global} in flight, ${d.limits.tenant} per tenant, ` +
     `${d.limits.rate}/s · rate bucket: ` + (d.rateWait > 0.05

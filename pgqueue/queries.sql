@@ -1023,6 +1023,21 @@ UNION ALL
 SELECT NULL, NULL, true FROM held;
 
 
+-- name: expired_at_provider
+-- Twilio dropped a sent message because its ValidityPeriod ran out before delivery
+-- (30036): it ends `expired`, as it would have here, and its tenant's totals move from
+-- completed to expired.
+WITH turned AS (
+    UPDATE pgqueue.job_history h SET state = 'expired'
+    WHERE h.provider_sid = %(sid)s AND h.tenant_id = %(tenant_id)s AND h.state = 'completed'
+    RETURNING h.tenant_id
+)
+INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, completed, expired)
+SELECT tenant_id, pgqueue.counter_shard(), -count(*), count(*) FROM turned GROUP BY tenant_id
+ON CONFLICT (tenant_id, shard) DO UPDATE
+SET completed = tt.completed + excluded.completed, expired = tt.expired + excluded.expired;
+
+
 -- name: apply_early_statuses
 -- Maintenance: the held callbacks (api_provider_status) whose message has finished
 -- meanwhile move its status forward, as a callback arriving then would have; they are
@@ -1046,14 +1061,15 @@ WITH matched AS (
           < CASE WHEN pgqueue.provider_status_rank(m.status) = pgqueue.failed_rank()
                  THEN pgqueue.delivered_rank()
                  ELSE pgqueue.provider_status_rank(m.status) END
-    RETURNING h.id, h.tenant_id, h.to_number, h.provider_status, h.last_error_code
+    RETURNING h.id, h.tenant_id, h.to_number, h.provider_status, h.last_error_code,
+              h.provider_sid AS sid
 ), forgotten AS (
     DELETE FROM pgqueue.early_statuses e
     WHERE EXISTS (SELECT FROM matched m
                   WHERE m.tenant_id = e.tenant_id AND m.provider_sid = e.provider_sid)
        OR e.received_at < clock_timestamp() - make_interval(secs => %(max_age)s)
 )
-SELECT id, tenant_id, to_number, provider_status, last_error_code FROM applied;
+SELECT id, tenant_id, to_number, provider_status, last_error_code, sid FROM applied;
 
 
 -- name: api_schema_version

@@ -15,6 +15,8 @@ from pgqueue.errors import SUPPRESS_CODES
 
 # Held statuses that no finished message claims after this long are forgotten.
 EARLY_STATUS_MAX_AGE_S = 86_400.0
+# Twilio's "message validity period expired": it never delivered the message in time.
+VALIDITY_EXPIRED = "30036"
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,11 @@ def suppresses(status: str | None, code: str | None) -> bool:
     )
 
 
+def expired_at_provider(status: str | None, code: str | None) -> bool:
+    """Twilio gave up on the message when its ValidityPeriod ran out (30036)."""
+    return status in ("failed", "undelivered") and code == VALIDITY_EXPIRED
+
+
 async def apply_status(
     conn: queries.Conn, *, tenant_id: str, sid: str, status: str, error_code: str | None
 ) -> StatusUpdate:
@@ -48,6 +55,8 @@ async def apply_status(
     if suppresses(status, error_code):
         for job in changed:
             await _suppress(conn, tenant_id, job["to_number"], error_code)
+    if changed and expired_at_provider(status, error_code):
+        await queries.execute(conn, "expired_at_provider", {"tenant_id": tenant_id, "sid": sid})
     return StatusUpdate(updated=len(changed), held=len(changed) < len(rows))
 
 
@@ -60,6 +69,10 @@ async def apply_early_statuses(
     for r in rows:
         if suppresses(r["provider_status"], r["last_error_code"]):
             await _suppress(conn, r["tenant_id"], r["to_number"], r["last_error_code"])
+        if expired_at_provider(r["provider_status"], r["last_error_code"]):
+            await queries.execute(
+                conn, "expired_at_provider", {"tenant_id": r["tenant_id"], "sid": r["sid"]}
+            )
     return len(rows)
 
 

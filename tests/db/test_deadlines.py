@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,10 +18,18 @@ from pgqueue.enqueue import validate
 from pgqueue.errors import ValidationError
 from pgqueue.metrics import queue_metrics
 from pgqueue.models import Message
+from pgqueue.statuses import apply_status
 from tests.db.test_ops_cli import pgqueue
 from tests.db.test_twilio_delivery import twilio_worker
 from tests.support.fake_twilio import FakeTwilio
-from tests.support.helpers import ACCOUNT, add_tenants, phone, send, wait_until_drained
+from tests.support.helpers import (
+    ACCOUNT,
+    add_tenants,
+    phone,
+    running_worker,
+    send,
+    wait_until_drained,
+)
 
 QUEUE = "whatsapp-send"
 
@@ -118,3 +127,22 @@ async def test_queue_ttls_per_message_type_are_set_from_the_cli(db_url: str, con
     cur = await conn.execute("SELECT expires_at FROM pgqueue.jobs WHERE id = %s", (job.job_id,))
     expires_at = (await cur.fetchone())["expires_at"]
     assert timedelta(seconds=599) < expires_at - due < timedelta(seconds=602)
+
+
+async def test_twilio_dropping_a_message_past_its_validity_period_makes_it_expired(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
+    await add_tenants(conn, 1)
+    await send(conn, "t0", 1, text="too late for Twilio", valid_for_s=5)
+    async with running_worker(db_url, tmp_path / "sends.jsonl"):
+        await wait_until_drained(conn, 20)
+    cur = await conn.execute("SELECT provider_sid FROM pgqueue.job_history")
+    sid = (await cur.fetchone())["provider_sid"]
+    assert (await queue_metrics(conn, QUEUE))["completed"] == 1
+    update = await apply_status(
+        conn, tenant_id="t0", sid=sid, status="undelivered", error_code="30036"
+    )
+    assert update.updated == 1
+    assert await _states(conn) == {"too late for Twilio": "expired"}
+    metrics = await queue_metrics(conn, QUEUE)
+    assert (metrics["completed"], metrics["expired"]) == (0, 1)
