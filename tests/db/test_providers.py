@@ -21,7 +21,12 @@ from typing import Any
 import pytest
 
 from pgqueue.config import Settings
-from pgqueue.errors import PermanentSendError, TenantSendError, TransientSendError
+from pgqueue.errors import (
+    PermanentSendError,
+    SenderLimitError,
+    TenantSendError,
+    TransientSendError,
+)
 from pgqueue.models import Job, Outgoing
 from pgqueue.providers.sandbox import SandboxProvider
 from pgqueue.providers.twilio import TwilioProvider
@@ -235,11 +240,13 @@ async def test_500_is_transient_without_throttle(
     assert info.value.http_status == 500
 
 
-async def test_21611_queue_full_is_transient(provider: TwilioProvider, fake: FakeTwilio) -> None:
+async def test_21611_queue_full_rests_the_sender(
+    provider: TwilioProvider, fake: FakeTwilio
+) -> None:
     fake.fail_next(1, status=400, code=21611)
-    with pytest.raises(TransientSendError) as info:
+    with pytest.raises(SenderLimitError) as info:
         await provider.send(make_job())
-    assert info.value.provider_code == "21611"
+    assert (info.value.provider_code, info.value.rest_s) == ("21611", 60.0)
 
 
 async def test_invalid_number_is_permanent(provider: TwilioProvider, fake: FakeTwilio) -> None:
