@@ -105,6 +105,9 @@ def redact_url(url: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
+    # The workers' own URL, where DATABASE_URL goes through a transaction pooler: their
+    # session advisory locks and LISTEN need a direct or session-pooled connection.
+    worker_database_url: str | None = None
     queue_enabled: bool = True
     queue_name: str = "whatsapp-send"
     redis_url: str | None = None
@@ -167,6 +170,9 @@ class Settings:
         log_format = _choice(env, "PGQUEUE_LOG_FORMAT", "plain", ("plain", "json"))
         return cls(
             database_url=_url(env, "DATABASE_URL", ("postgresql", "postgres")),
+            worker_database_url=_url(
+                env, "PGQUEUE_WORKER_DATABASE_URL", ("postgresql", "postgres")
+            ),
             queue_enabled=_bool(env, "WHATSAPP_SEND_QUEUE_ENABLED", True),
             queue_name=queue_name,
             redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")),

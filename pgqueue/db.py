@@ -14,6 +14,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from pgqueue import queries
 from pgqueue.config import Settings
 from pgqueue.errors import ConfigError
 
@@ -122,6 +123,29 @@ def sqlalchemy_url(url: str) -> str:
     query = "&".join(f"{k}={v}" for k, v in params.items() if v)
     base = f"postgresql+psycopg://{user}@/{dbname}?host={host}"
     return base + (f"&{query}" if query else "")
+
+
+async def shares_sessions(url: str) -> bool:
+    """Whether connections through `url` take turns on server sessions (a pooler in
+    transaction or statement mode): one connection's session is then handed to another
+    between transactions, so session advisory locks, LISTEN and prepared statements do
+    not hold. Seen directly: while A sits idle between statements, B's transaction gets
+    A's server session; a direct or session-pooled connection keeps its own."""
+    a = await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None)
+    b = await psycopg.AsyncConnection.connect(url, autocommit=True, prepare_threshold=None)
+    try:
+        pid = queries.sql("backend_pid")
+        for _ in range(3):
+            first = await (await a.execute(pid)).fetchone()
+            async with b.transaction():
+                other = await (await b.execute(pid)).fetchone()
+                again = await (await a.execute(pid)).fetchone()
+            if first != again or first == other:
+                return True
+        return False
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:

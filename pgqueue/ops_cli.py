@@ -22,7 +22,7 @@ from rich.table import Table
 
 from pgqueue import jobs, migrate, queries
 from pgqueue.config import Settings, redact_url
-from pgqueue.db import connect, resolve_database_url
+from pgqueue.db import connect, resolve_database_url, shares_sessions
 from pgqueue.enqueue import normalize_phone
 from pgqueue.errors import NotFoundError, PgQueueError, ValidationError, first_line
 from pgqueue.http.models import Job, json_body
@@ -353,6 +353,8 @@ async def _database_checks(settings: Settings) -> list[Check]:
     try:
         version = (await queries.fetch_one(conn, "server_version", {}) or {}).get("v")
         checks.append(Check(True, "database", f"reachable (PostgreSQL {version})"))
+        checks.append(await _node_check(conn))
+        checks.append(await _pooler_check(settings, url))
 
         head = migrate.head_revision()
         try:
@@ -455,6 +457,50 @@ async def _database_checks(settings: Settings) -> list[Check]:
     finally:
         await conn.close()
     return checks
+
+
+async def _node_check(conn: queries.Conn) -> Check:
+    role = await queries.fetch_one(conn, "node_role", {}) or {}
+    if role.get("standby"):
+        return Check(
+            False,
+            "node",
+            f"a standby in recovery (WAL receiver: {role.get('receiving') or 'not streaming'}):"
+            " the API and the workers need the primary; list every host in the URL with "
+            "target_session_attrs=read-write",
+        )
+    standbys, synchronous = int(role.get("standbys") or 0), int(role.get("synchronous") or 0)
+    if not standbys:
+        return Check(True, "node", "primary, no standby streaming from it")
+    return Check(
+        True, "node", f"primary, {standbys} standby(s) streaming, {synchronous} synchronous"
+    )
+
+
+async def _pooler_check(settings: Settings, url: str) -> Check:
+    """The URLs as workers and the API use them: workers need sessions of their own."""
+    worker_url = settings.worker_database_url or url
+    try:
+        pooled = await shares_sessions(url)
+        worker_pooled = pooled if worker_url == url else await shares_sessions(worker_url)
+    except psycopg.Error as exc:
+        return Check(False, "pooler", f"could not tell ({first_line(exc)})")
+    if worker_pooled:
+        return Check(
+            False,
+            "pooler",
+            "the workers' URL is pooled in transaction mode (connections take turns on "
+            "server sessions): set PGQUEUE_WORKER_DATABASE_URL to a direct or "
+            "session-pooled URL",
+        )
+    if pooled:
+        return Check(
+            True,
+            "pooler",
+            "DATABASE_URL is pooled in transaction mode (fine for the API); the workers "
+            "use PGQUEUE_WORKER_DATABASE_URL, which keeps its sessions",
+        )
+    return Check(True, "pooler", "none in transaction mode: every connection keeps its session")
 
 
 async def _redis_check(settings: Settings) -> Check:

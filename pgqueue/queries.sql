@@ -1366,6 +1366,23 @@ WHERE name = %(queue)s;
 SELECT current_setting('server_version') AS v;
 
 
+-- name: backend_pid
+-- The server session serving this connection (a pooler may hand it to others between
+-- transactions: db.shares_sessions).
+SELECT pg_backend_pid() AS pid;
+
+
+-- name: node_role
+-- What this node is: a primary (and the standbys streaming from it, the synchronous
+-- ones among them) or a standby in recovery (and its WAL receiver's state). Without
+-- pg_monitor, pg_stat_replication shows the rows but not every column: counts suffice.
+SELECT pg_is_in_recovery() AS standby,
+       (SELECT count(*) FROM pg_stat_replication)::int AS standbys,
+       (SELECT count(*) FROM pg_stat_replication
+        WHERE sync_state IN ('sync', 'quorum'))::int AS synchronous,
+       (SELECT status FROM pg_stat_wal_receiver LIMIT 1) AS receiving;
+
+
 -- name: demo_verdict
 -- The demo's verdict on the sends it made through the sandbox: lost, FIFO, limits, rate.
 WITH sends AS (

@@ -24,9 +24,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import queries
 from pgqueue.config import Settings
-from pgqueue.db import connect, make_pool, resolve_database_url
+from pgqueue.db import connect, make_pool, resolve_database_url, shares_sessions
 from pgqueue.dispatcher import Dispatcher, DispatcherConfig
-from pgqueue.errors import PgQueueError, exit_code
+from pgqueue.errors import PgQueueError, exit_code, first_line
 from pgqueue.logs import setup_logging
 from pgqueue.maintenance import Maintenance, Rescuer
 from pgqueue.providers import Provider
@@ -110,9 +110,29 @@ class Worker:
         try:
             if not await self._register(pool):
                 return 0  # asked to stop before the database ever answered
+            await self._refuse_shared_sessions(pool)
             return await self._serve(pool)
         finally:
             await pool.close(timeout=5)
+
+    async def _refuse_shared_sessions(self, pool: AsyncConnectionPool[Any]) -> None:
+        """A worker's conversation locks are session advisory locks on its lock
+        connection, and it wakes on LISTEN: through a transaction pooler neither holds,
+        and two workers could send one conversation at once. Refused, naming the fix."""
+        try:
+            shared = await shares_sessions(self.url)
+        except psycopg.OperationalError as e:  # gone again since it registered
+            log.warning("could not check the connection for a pooler: %s", first_line(e))
+            return
+        if shared:
+            async with pool.connection() as conn:
+                await queries.execute(conn, "unregister_worker", {"id": self.config.worker_id})
+            raise PgQueueError(
+                "the worker's database URL goes through a pooler in transaction mode (two "
+                "connections took turns on one server session): its conversation locks "
+                "and LISTEN need a session of their own; set PGQUEUE_WORKER_DATABASE_URL "
+                "to a direct or session-pooled URL (DATABASE_URL may stay pooled for the API)"
+            )
 
     async def _register(self, pool: AsyncConnectionPool[Any]) -> bool:
         """Announce this worker; while the database is unreachable (starting, restarting)
@@ -234,7 +254,7 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 async def _main(settings: Settings, concurrency: int) -> int:
-    url = resolve_database_url(settings)
+    url = settings.worker_database_url or resolve_database_url(settings)
     worker = Worker(settings, url, concurrency=concurrency)
     install_signal_handlers(worker.stop)
     return await worker.run()

@@ -190,6 +190,8 @@ async def test_doctor_says_ok_or_what_to_do(db_url: str, conn: Any, tmp_path: Pa
     assert checks["workers"][0].startswith("FAIL") and "pgqueue worker" in checks["workers"][0]
     assert checks["tenants"] == ["OK tenants: none paused"]
     assert checks["redis"][0].startswith("OK")
+    assert checks["node"] == ["OK node: primary, no standby streaming from it"]
+    assert checks["pooler"][0].startswith("OK pooler: none in transaction mode")
 
     async with running_worker(db_url, tmp_path / "sends.jsonl"):
         await asyncio.sleep(0.5)

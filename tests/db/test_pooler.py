@@ -1,0 +1,147 @@
+"""Connection poolers (issue 20): a worker refuses a URL pooled in transaction mode,
+where its session advisory locks and LISTEN would not hold, with one line naming the
+fix; `pgqueue doctor` tells which URL is pooled. PgBouncer (Debian's, started here on a
+port of its own in front of the test server) is the pooler."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgqueue.db import as_url, shares_sessions
+from pgqueue.server import free_port
+from tests.db.test_ops_cli import pgqueue
+
+PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+
+
+def _bouncer(db_url: str, workdir: Path, mode: str) -> Iterator[str]:
+    if not Path(PGBOUNCER).exists():
+        pytest.skip("pgbouncer is not installed (.ci/run installs Debian's)")
+    info = psycopg.conninfo.conninfo_to_dict(db_url)
+    host, port = str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)
+    user, dbname = str(info.get("user") or "postgres"), str(info["dbname"])
+    listen = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    ini = workdir / "pgbouncer.ini"
+    ini.write_text(
+        f"""[databases]
+{dbname} = host={host} port={port} user={user} dbname={dbname}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {listen}
+unix_socket_dir =
+auth_type = any
+pool_mode = {mode}
+default_pool_size = 4
+max_client_conn = 50
+ignore_startup_parameters = extra_float_digits,options
+logfile = {workdir / "pgbouncer.log"}
+pidfile = {workdir / "pgbouncer.pid"}
+"""
+    )
+    argv = [PGBOUNCER, str(ini)]
+    if os.geteuid() == 0:
+        # PgBouncer will not run as root: as nobody, it needs its files and the server's
+        # socket directory (a temporary one of the tests) reachable.
+        argv[1:1] = ["-u", "nobody"]
+        workdir.chmod(0o777)
+        for path in (workdir / "pgbouncer.log",):
+            path.touch(mode=0o666)
+            path.chmod(0o666)
+        if host.startswith("/"):
+            Path(host).chmod(0o711)
+    with (workdir / "stderr.log").open("wb") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+    url = f"postgresql://{user}@127.0.0.1:{listen}/{dbname}"
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with psycopg.connect(url, connect_timeout=2, prepare_threshold=None) as c:
+                c.execute("SELECT 1")
+            break
+        except psycopg.OperationalError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log = (workdir / "pgbouncer.log").read_text() if ini.exists() else ""
+                err = (workdir / "stderr.log").read_text()
+                raise AssertionError(f"pgbouncer did not start: {err}\n{log}") from None
+            time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def transaction_pooled(db_url: str) -> Iterator[str]:
+    yield from _bouncer_in_tmp(db_url, "transaction")
+
+
+@pytest.fixture
+def session_pooled(db_url: str) -> Iterator[str]:
+    yield from _bouncer_in_tmp(db_url, "session")
+
+
+def _bouncer_in_tmp(db_url: str, mode: str) -> Iterator[str]:
+    # Not pytest's tmp_path: its parents are private to the user, and PgBouncer run as
+    # nobody (under root) could not reach its own files there.
+    workdir = Path(tempfile.mkdtemp(prefix=f"pgqueue-pgbouncer-{mode}-"))
+    try:
+        yield from _bouncer(db_url, workdir, mode)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_sessions_are_seen_shared_only_through_transaction_pooling(
+    db_url: str, transaction_pooled: str, session_pooled: str
+) -> None:
+    assert await shares_sessions(as_url(db_url)) is False
+    assert await shares_sessions(session_pooled) is False
+    assert await shares_sessions(transaction_pooled) is True
+
+
+def test_a_worker_refuses_a_transaction_pooled_url_in_one_line(
+    db_url: str, conn: Any, transaction_pooled: str
+) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PGQUEUE_")},
+        "DATABASE_URL": transaction_pooled,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pgqueue.worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PGQUEUE_WORKER_DATABASE_URL" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_doctor_names_the_pooled_url(db_url: str, conn: Any, transaction_pooled: str) -> None:
+    worker_refused = await pgqueue(transaction_pooled, "doctor")
+    pooler = [ln for ln in worker_refused.out.splitlines() if " pooler: " in ln]
+    assert pooler and pooler[0].startswith("FAIL"), worker_refused.out
+    assert "PGQUEUE_WORKER_DATABASE_URL" in pooler[0]
+    split = await pgqueue(transaction_pooled, "doctor", PGQUEUE_WORKER_DATABASE_URL=as_url(db_url))
+    pooler = [ln for ln in split.out.splitlines() if " pooler: " in ln]
+    assert pooler and pooler[0].startswith("OK"), split.out
+    assert "pooler: DATABASE_URL is pooled in transaction mode" in pooler[0]
