@@ -497,8 +497,9 @@ async def _pooler_check(settings: Settings, url: str) -> Check:
         return Check(
             True,
             "pooler",
-            "DATABASE_URL is pooled in transaction mode (fine for the API); the workers "
-            "use PGQUEUE_WORKER_DATABASE_URL, which keeps its sessions",
+            "DATABASE_URL is pooled in transaction mode; the workers use "
+            "PGQUEUE_WORKER_DATABASE_URL, which keeps its sessions (the API prepares its "
+            "statements: PgBouncer needs max_prepared_statements, from 1.21)",
         )
     return Check(True, "pooler", "none in transaction mode: every connection keeps its session")
 
