@@ -497,9 +497,8 @@ async def _pooler_check(settings: Settings, url: str) -> Check:
         return Check(
             True,
             "pooler",
-            "DATABASE_URL is pooled in transaction mode; the workers use "
-            "PGQUEUE_WORKER_DATABASE_URL, which keeps its sessions (the API prepares its "
-            "statements: PgBouncer needs max_prepared_statements, from 1.21)",
+            "DATABASE_URL is pooled in transaction mode (the API prepares no statement "
+            "there); the workers use PGQUEUE_WORKER_DATABASE_URL, which keeps its sessions",
         )
     return Check(True, "pooler", "none in transaction mode: every connection keeps its session")
 

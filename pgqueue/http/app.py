@@ -55,7 +55,7 @@ from starlette.routing import Route
 from pgqueue import dashboard, jobs, migrate, queries
 from pgqueue.config import Settings
 from pgqueue.credentials import CredentialError, Keyring
-from pgqueue.db import make_pool, resolve_database_url
+from pgqueue.db import make_pool, resolve_database_url, shares_sessions
 from pgqueue.enqueue import (
     MAX_BATCH,
     enqueue_whatsapp_send,
@@ -694,6 +694,7 @@ def create_app(
             )
         opened_here = pool.closed
         if opened_here:
+            await _unprepared_through_a_transaction_pooler(pool)
             # Not waiting: the API starts even while the database is down; /readyz says so.
             await pool.open(wait=False)
         try:
@@ -736,6 +737,23 @@ def create_app(
     )
     app.state.api = api
     return app
+
+
+async def _unprepared_through_a_transaction_pooler(pool: AsyncConnectionPool[Any]) -> None:
+    """psycopg prepares a statement it runs often; through a pooler in transaction mode
+    the next transaction may land on a server session that never saw it. There the
+    pool's connections prepare nothing. A database that does not answer yet is taken as
+    direct (the probe is not repeated)."""
+    if not isinstance(pool.conninfo, str):
+        return
+    try:
+        pooled = await asyncio.wait_for(shares_sessions(pool.conninfo), DOWN_TIMEOUT_S * 4)
+    except (psycopg.Error, OSError, TimeoutError) as e:
+        log.debug("no pooler check (the database does not answer yet): %s", e)
+        return
+    if pooled and isinstance(pool.kwargs, dict):
+        pool.kwargs["prepare_threshold"] = None
+        log.info("DATABASE_URL is pooled in transaction mode: the API prepares no statement")
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> int:

@@ -16,12 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 
-from pgqueue.db import as_url, shares_sessions
+from pgqueue import admin
+from pgqueue.config import Settings
+from pgqueue.db import as_url, make_pool, shares_sessions
+from pgqueue.http import create_app
 from pgqueue.server import free_port
 from tests.db.test_ops_cli import pgqueue
+from tests.support.helpers import add_tenants, phone
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
@@ -145,3 +150,32 @@ async def test_doctor_names_the_pooled_url(db_url: str, conn: Any, transaction_p
     pooler = [ln for ln in split.out.splitlines() if " pooler: " in ln]
     assert pooler and pooler[0].startswith("OK"), split.out
     assert "pooler: DATABASE_URL is pooled in transaction mode" in pooler[0]
+
+
+async def test_the_api_works_through_transaction_pooling(
+    db_url: str, conn: Any, transaction_pooled: str
+) -> None:
+    await add_tenants(conn, 1)
+    token = await admin.create_token(conn, "t0")
+    auth = {"Authorization": f"Bearer {token}"}
+    # Opened by the app's lifespan, which finds the pooler and prepares nothing there:
+    # psycopg would prepare each statement from its fifth run on.
+    pool = make_pool(transaction_pooled, min_size=2, max_size=4)
+    app = create_app(Settings(admin_token="admin-token-for-pooler-tests-0123"), pool)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client,
+    ):
+        answers = [
+            await client.post(
+                "/api/whatsapp/send",
+                json={"phoneNumber": phone(i % 3), "text": f"m{i}"},
+                headers=auth,
+            )
+            for i in range(30)
+        ]
+        assert [r.status_code for r in answers] == [202] * 30, answers[-1].text
+        job = await client.get(f"/api/jobs/{answers[-1].json()['jobId']}", headers=auth)
+        assert job.status_code == 200 and job.json()["state"] == "waiting"
+        metrics = await client.get("/api/queue/metrics", headers=auth)
+        assert metrics.status_code == 200 and metrics.json()["waiting"] == 30
