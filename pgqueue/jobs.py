@@ -175,7 +175,3 @@ def parse_older_than(
             field=field,
         )
     return moment
-
-
-def iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()

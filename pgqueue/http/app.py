@@ -81,7 +81,7 @@ from pgqueue.http.auth import (
     twilio_signed,
 )
 from pgqueue.http.errors import RETRY_AFTER_S, HttpError, error_json, error_response
-from pgqueue.http.models import DirectSend, json_body
+from pgqueue.http.models import DirectSend, EnqueuedJob, json_body
 from pgqueue.http.models import Job as JobAnswer
 from pgqueue.http.openapi import openapi_spec
 from pgqueue.http.parsing import (
@@ -89,7 +89,6 @@ from pgqueue.http.parsing import (
     MAX_BODY,
     TENANT_IN_PATH,
     check_text,
-    enqueued_json,
     job_id_in_path,
     known_parameters,
     message_from_json,
@@ -336,7 +335,7 @@ class Api:
             {
                 "status": "queued",
                 "message": "Message queued for sending",
-                **enqueued_json(result),
+                **json_body(EnqueuedJob.of(result)),
             },
             status_code=202,
             headers={"Location": f"/api/jobs/{result.job_id}"},
@@ -389,7 +388,7 @@ class Api:
             {
                 "status": "queued",
                 "message": f"{len(results)} messages queued for sending",
-                "jobs": [enqueued_json(r) for r in results],
+                "jobs": [json_body(EnqueuedJob.of(r)) for r in results],
             },
             status_code=202,
         )

@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from pgqueue import admin, jobs
 from pgqueue.http.errors import HttpError
 from pgqueue.http.models import message, message_in
-from pgqueue.models import Enqueued, Message
+from pgqueue.models import Message
 
 MAX_BODY = 64 * 1024
 # A full batch (1,000 messages of up to 1,600 characters) cannot fit in 64 KiB.
@@ -153,14 +153,3 @@ def job_id_in_path(request: Request) -> int:
 def parse_older_than(text: str, *, now: datetime | None = None) -> datetime:
     """`7d`, `12h`, `30m`, `90s`, `2w` ago, or an ISO 8601 moment with a zone."""
     return jobs.parse_older_than(text, now=now, field="olderThan")
-
-
-# -- answers ---------------------------------------------------------------------------
-
-
-def enqueued_json(result: Enqueued) -> dict[str, Any]:
-    return {
-        "jobId": result.job_id,
-        "queuePosition": {"state": result.state, "ahead": result.ahead},
-        "duplicate": result.duplicate,
-    }
