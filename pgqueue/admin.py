@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,7 +137,10 @@ _TENANT_SETTABLE = (
     "fallback_variable",
     "paused",
     "pause_reason",
+    "webhook_url",
+    "webhook_secret",
 )
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 (a prefix, not a secret)
 
 
 async def set_tenant(
@@ -154,12 +158,26 @@ async def set_tenant(
     paused: bool | None = None,
     fallback_content_sid: str | None = _UNSET,
     fallback_variable: str | None = _UNSET,
+    webhook_url: str | None = _UNSET,
+    new_webhook_secret: bool = False,
     keyring: Keyring | None = None,
 ) -> dict[str, Any]:
-    """Change what is given; `None` for max_concurrency / rate / fallback means 'back to
-    the default' (queue limit, no own rate, no fallback). A new auth token is stored
-    encrypted with `keyring`'s first key (plain without one)."""
+    """Change what is given; `None` for max_concurrency / rate / fallback / webhook means
+    'back to the default' (queue limit, no own rate, no fallback, no webhook). A new auth
+    token or webhook secret is stored encrypted with `keyring`'s first key (plain without
+    one). A tenant's first webhook URL, or `new_webhook_secret`, makes a new secret: the
+    answer's `webhook_secret` shows it, once."""
     changes: dict[str, Any] = {}
+    secret: str | None = None
+    if webhook_url is not _UNSET:
+        changes["webhook_url"] = None if webhook_url is None else _webhook_url(webhook_url)
+        current = await get_tenant(conn, tenant_id)
+        new_webhook_secret = new_webhook_secret or (
+            webhook_url is not None and current["webhook_url"] is None
+        )
+    if new_webhook_secret:
+        secret = WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)
+        changes["webhook_secret"] = secret if keyring is None else keyring.seal(secret)
     if name is not None:
         changes["name"] = name
     if account_sid is not None:
@@ -206,10 +224,23 @@ async def set_tenant(
     )
     if row is None:
         raise NotFoundError(f"no tenant {tenant_id!r}")
+    if changes.get("webhook_url"):
+        await queries.execute(conn, "admin_webhook_start", {"id": tenant_id})
     if paused is False:
         # Resumed tenants' jobs are claimable again: wake the workers.
         await queries.execute(conn, "notify_all_queues", {})
-    return await get_tenant(conn, tenant_id)
+    return {**await get_tenant(conn, tenant_id), "webhook_secret": secret}
+
+
+def _webhook_url(value: str) -> str:
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or len(value) > 2000:
+        raise ValidationError(
+            "webhook URL must be an http:// or https:// URL with a host (at most 2000 "
+            "characters), or 'none'",
+            field="webhook_url",
+        )
+    return value
 
 
 def hash_token(token: str) -> str:

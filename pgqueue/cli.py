@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.table import Table
 
-from pgqueue import admin, demo, migrate, ops_cli, worker
+from pgqueue import admin, demo, migrate, ops_cli, webhooks, worker
 from pgqueue.config import Settings
 from pgqueue.credentials import Keyring
 from pgqueue.dashboard import dashboard_url, ttl_hours
@@ -130,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tset.add_argument(
         "--fallback-variable", default=admin._UNSET, help="template variable that gets the text"
+    )
+    tset.add_argument(
+        "--webhook-url",
+        default=admin._UNSET,
+        help="where the tenant's delivery events are posted (signed), or 'none'",
+    )
+    tset.add_argument(
+        "--new-webhook-secret",
+        action="store_true",
+        help="make a new webhook signing secret (shown once)",
     )
     state = tset.add_mutually_exclusive_group()
     state.add_argument("--pause", action="store_true")
@@ -341,6 +351,8 @@ async def _tenant(args: argparse.Namespace, settings: Settings) -> int:
                         "pause_reason",
                         "completed_total",
                         "failed_total",
+                        "webhook_url",
+                        "webhook_last_error",
                     ],
                     "tenants",
                 )
@@ -363,13 +375,21 @@ async def _tenant(args: argparse.Namespace, settings: Settings) -> int:
                 paused=True if args.pause else (False if args.resume else None),
                 fallback_content_sid=fallback,
                 fallback_variable=args.fallback_variable,
+                webhook_url=None if args.webhook_url == "none" else args.webhook_url,
+                new_webhook_secret=args.new_webhook_secret,
             )
             state = "paused" if row["paused"] else "active"
             print(
                 f"tenant {row['id']}: {state}, max concurrency "
                 f"{row['max_concurrency'] or 'queue default'}, rate "
-                f"{row['rate_per_second'] or 'queue only'}"
+                f"{row['rate_per_second'] or 'queue only'}, webhook "
+                f"{row['webhook_url'] or 'none'}"
             )
+            if row["webhook_secret"]:
+                print(
+                    f"webhook secret (shown once; it signs the {webhooks.SIGNATURE_HEADER} "
+                    f"header): {row['webhook_secret']}"
+                )
         return 0
 
     return await _with_conn(settings, run)

@@ -44,7 +44,7 @@ WITH allowed AS (
     INSERT INTO pgqueue.jobs (
         queue, tenant_id, conversation, is_head, state, priority, run_at, to_number,
         from_number, body, content_sid, content_variables, message_type, idempotency_key,
-        max_attempts, expires_at)
+        max_attempts, expires_at, event_tx)
     SELECT %(queue)s, %(tenant_id)s, %(conversation)s, conv.pending = 1,
            CASE WHEN %(run_at)s::timestamptz > now() THEN 'delayed' ELSE 'waiting' END,
            coalesce(%(priority)s::int,
@@ -58,9 +58,13 @@ WITH allowed AS (
                     + make_interval(secs => (SELECT (q.message_type_ttls
                                                      ->> %(message_type)s::text)::float8
                                              FROM pgqueue.queues q
-                                             WHERE q.name = %(queue)s)))
+                                             WHERE q.name = %(queue)s))),
+           pgqueue.event_tx(NULL)
     FROM conv
-    RETURNING id, state, run_at, created_at
+    RETURNING id, state, run_at, created_at, tenant_id, event_tx
+), event AS (
+    INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, run_at)
+    SELECT event_tx, tenant_id, %(queue)s, id, 'queued', run_at FROM job
 )
 SELECT job.id, job.state, job.run_at, job.created_at, conv.pending - 1 AS ahead,
        -- Only a new head can be claimed now: the others wait for a promotion, which
@@ -104,7 +108,7 @@ WITH types AS (
     INSERT INTO pgqueue.jobs (
         queue, tenant_id, conversation, is_head, state, priority, run_at, to_number,
         from_number, body, content_sid, content_variables, message_type, idempotency_key,
-        max_attempts, expires_at)
+        max_attempts, expires_at, event_tx)
     SELECT %(queue)s, tenant_id, conversation, position = 1,
            CASE WHEN run_at > now() THEN 'delayed' ELSE 'waiting' END,
            coalesce(priority, ((SELECT priorities FROM types) ->> message_type)::int, 0),
@@ -112,10 +116,14 @@ WITH types AS (
            content_variables, message_type, idempotency_key, %(max_attempts)s,
            coalesce(expires_at, coalesce(run_at, now())
                                 + make_interval(secs => ((SELECT ttls FROM types)
-                                                         ->> message_type)::float8))
+                                                         ->> message_type)::float8)),
+           pgqueue.event_tx(NULL)
     FROM numbered
     ORDER BY ord
-    RETURNING id, seq, state, run_at, created_at, conversation
+    RETURNING id, seq, state, run_at, created_at, conversation, tenant_id, event_tx
+), event AS (
+    INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, run_at)
+    SELECT event_tx, tenant_id, %(queue)s, id, 'queued', run_at FROM job ORDER BY seq
 )
 SELECT job.id, job.state, job.run_at, job.created_at,
        row_number() OVER (PARTITION BY job.conversation ORDER BY job.seq)
@@ -325,10 +333,14 @@ WITH q AS (
         start_at = t.start,
         started_at = coalesce(j.started_at, t.start),
         lease_expires_at = q.now + make_interval(secs => %(lease)s),
-        updated_at = q.now
+        updated_at = q.now,
+        event_tx = pgqueue.event_tx(j.event_tx)
     FROM q, timed t
     WHERE j.id = t.id
     RETURNING j.*, t.slot
+), sending AS (
+    INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, attempt, run_at)
+    SELECT event_tx, tenant_id, queue, id, 'sending', attempts, start_at FROM claimed
 ), served AS (
     -- One update a tenant row: last served, and the next slot of its own rate.
     UPDATE pgqueue.tenants t
@@ -439,7 +451,7 @@ WITH input AS (
         id, seq, queue, tenant_id, conversation, priority, run_at, to_number, from_number,
         body, content_sid, content_variables, message_type, idempotency_key, attempts,
         max_attempts, last_error_code, last_error_message, provider_sid, provider_status,
-        channel, created_at, started_at, expires_at, state, finished_at)
+        channel, created_at, started_at, expires_at, state, finished_at, event_tx)
     SELECT id, seq, queue, tenant_id, conversation, priority, run_at, to_number,
            from_number, body, content_sid, content_variables, message_type,
            idempotency_key, attempts, max_attempts,
@@ -447,7 +459,7 @@ WITH input AS (
            coalesce(f.new_message, f.last_error_message),
            coalesce(f.new_sid, f.provider_sid), coalesce(f.new_status, f.provider_status),
            coalesce(f.new_channel, f.channel), created_at, started_at, expires_at, f.outcome,
-           clock_timestamp()
+           clock_timestamp(), pgqueue.event_tx(f.event_tx)
     FROM finished f
 ), requeued AS (
     UPDATE pgqueue.jobs j
@@ -457,10 +469,24 @@ WITH input AS (
         last_error_code = coalesce(m.code, j.last_error_code),
         last_error_message = coalesce(m.message, j.last_error_message),
         claim_token = NULL, claimed_by = NULL, lease_expires_at = NULL, start_at = NULL,
-        updated_at = clock_timestamp()
+        updated_at = clock_timestamp(), event_tx = pgqueue.event_tx(j.event_tx)
     FROM mine m
     WHERE j.id = m.id AND m.outcome IN ('retry', 'release')
-    RETURNING j.id
+    RETURNING j.id, j.tenant_id, j.attempts, j.run_at, j.event_tx, m.outcome, m.code, m.message
+), event AS (
+    -- The message's events of this change (a released send is queued again; its
+    -- attempt was not spent), in the order of the rows locked above.
+    INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, attempt, sid, code,
+                                message, run_at)
+    SELECT pgqueue.event_tx(f.event_tx), f.tenant_id, %(queue)s, f.id,
+           CASE f.outcome WHEN 'completed' THEN 'sent' ELSE f.outcome END, f.attempts,
+           coalesce(f.new_sid, f.provider_sid), f.new_code, f.new_message, NULL
+    FROM finished f
+    UNION ALL
+    SELECT r.event_tx, r.tenant_id, %(queue)s, r.id,
+           CASE r.outcome WHEN 'retry' THEN 'retry_scheduled' ELSE 'queued' END, r.attempts,
+           NULL, r.code, r.message, r.run_at
+    FROM requeued r
 ), totals AS (
     -- Finished sends per tenant, added to this session's shard of the totals (one of 16,
     -- by backend pid), so completions of different workers never wait for each other's
@@ -509,12 +535,18 @@ WITH due AS (
         id, seq, queue, tenant_id, conversation, priority, run_at, to_number, from_number,
         body, content_sid, content_variables, message_type, idempotency_key, attempts,
         max_attempts, last_error_code, last_error_message, provider_sid, provider_status,
-        channel, created_at, started_at, expires_at, state, finished_at)
+        channel, created_at, started_at, expires_at, state, finished_at, event_tx)
     SELECT id, seq, queue, tenant_id, conversation, priority, run_at, to_number,
            from_number, body, content_sid, content_variables, message_type,
            idempotency_key, attempts, max_attempts, 'expired',
            'not sent: its deadline passed first', provider_sid, provider_status, channel,
-           created_at, started_at, expires_at, 'expired', clock_timestamp()
+           created_at, started_at, expires_at, 'expired', clock_timestamp(),
+           pgqueue.event_tx(event_tx)
+    FROM gone
+), event AS (
+    INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, attempt, code, message)
+    SELECT pgqueue.event_tx(event_tx), tenant_id, queue, id, 'expired', attempts, 'expired',
+           'not sent: its deadline passed first'
     FROM gone
 ), totals AS (
     INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, expired)
@@ -564,8 +596,12 @@ WHERE j.claim_token = ANY(%(tokens)s::uuid[]) AND j.state = 'active';
 -- Active jobs whose worker is gone (G9): nobody holds the conversation lock and no
 -- connection of the claiming worker exists, so its process died and its locks went with
 -- it. Right after a database restart every lock is gone, so live workers get a grace
--- (%(grace)s s from the server's start) to reconnect and take theirs back. A job whose
--- lease ran out is rescued too: its worker lives but is wedged.
+-- (%(grace)s s from the server's start) to reconnect and take theirs back. A failover
+-- loses every lock too, and a promoted standby's postmaster started long before: its
+-- grace runs from the promotion, when its walwriter started (visible to a superuser or
+-- pg_read_all_stats), at the earliest from the last commit it replayed from the old
+-- primary (visible to all). A job whose lease ran out is rescued too: its worker lives
+-- but is wedged.
 SELECT j.id, j.claim_token, j.attempts, j.max_attempts, j.claimed_by, j.conversation,
        j.lease_expires_at < clock_timestamp() AS lease_expired
 FROM pgqueue.jobs j
@@ -573,7 +609,10 @@ WHERE j.queue = %(queue)s AND j.state = 'active'
   AND (
     j.lease_expires_at < clock_timestamp()
     OR (
-      pg_postmaster_start_time() < clock_timestamp() - make_interval(secs => %(grace)s)
+      greatest(pg_postmaster_start_time(), pg_last_xact_replay_timestamp(),
+               (SELECT max(w.backend_start) FROM pg_stat_activity w
+                WHERE w.backend_type = 'walwriter'))
+        < clock_timestamp() - make_interval(secs => %(grace)s)
       AND NOT EXISTS (
         SELECT 1 FROM pg_stat_activity a
         WHERE a.application_name = 'pgqueue-worker:' || j.claimed_by)
@@ -746,13 +785,17 @@ WITH dead AS (
     INSERT INTO pgqueue.jobs (
         id, queue, tenant_id, conversation, is_head, state, priority, run_at, to_number,
         from_number, body, content_sid, content_variables, message_type, idempotency_key,
-        attempts, max_attempts, last_error_code, last_error_message, created_at)
+        attempts, max_attempts, last_error_code, last_error_message, created_at, event_tx)
     SELECT id, queue, tenant_id, conversation, position = 1, 'waiting', priority, now(),
            to_number, from_number, body, content_sid, content_variables, message_type,
-           idempotency_key, 0, max_attempts, last_error_code, last_error_message, created_at
+           idempotency_key, 0, max_attempts, last_error_code, last_error_message, created_at,
+           pgqueue.event_tx(event_tx)
     FROM numbered
     ORDER BY seq
-    RETURNING id, tenant_id
+    RETURNING id, tenant_id, run_at, event_tx
+), event AS (
+    INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, run_at)
+    SELECT event_tx, tenant_id, %(queue)s, id, 'queued', run_at FROM revived
 ), failed_counts AS (
     INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, failed)
     SELECT tenant_id, pgqueue.counter_shard(), -count(*) FROM revived
@@ -793,7 +836,12 @@ WITH target AS (
     DELETE FROM pgqueue.jobs j
     USING target t
     WHERE j.id = t.id AND t.state <> 'active'
-    RETURNING j.id, j.conversation, j.tenant_id, j.priority, j.is_head, j.state
+    RETURNING j.id, j.conversation, j.tenant_id, j.priority, j.is_head, j.state,
+              j.attempts, j.event_tx
+), event AS (
+    INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, attempt)
+    SELECT pgqueue.event_tx(g.event_tx), g.tenant_id, %(queue)s, g.id, 'canceled', g.attempts
+    FROM gone g
 ), pending AS (
     UPDATE pgqueue.conversations c
     SET pending = c.pending - 1, updated_at = now()
@@ -993,7 +1041,8 @@ WITH incoming AS (
     UPDATE pgqueue.job_history h
     SET provider_status = i.status,
         last_error_code = CASE WHEN i.rank = pgqueue.failed_rank() THEN coalesce(%(error_code)s, h.last_error_code)
-                               ELSE h.last_error_code END
+                               ELSE h.last_error_code END,
+        event_tx = pgqueue.event_tx(h.event_tx)
     FROM incoming i
     WHERE h.provider_sid = %(sid)s AND h.tenant_id = %(tenant_id)s
       AND pgqueue.provider_status_rank(h.provider_status)
@@ -1003,7 +1052,14 @@ WITH incoming AS (
           WHERE e.tenant_id = %(tenant_id)s AND e.provider_sid = %(sid)s
             AND pgqueue.provider_status_rank(e.status) >= pgqueue.delivered_rank()
             AND pgqueue.provider_status_rank(e.status) < pgqueue.failed_rank()))
-    RETURNING h.id, h.to_number
+    RETURNING h.id, h.to_number, h.tenant_id, h.queue, h.attempts, h.provider_sid,
+              h.provider_status, h.last_error_code, h.event_tx
+), event AS (
+    INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, attempt, sid, code)
+    SELECT event_tx, tenant_id, queue, id, pgqueue.status_event(provider_status), attempts,
+           provider_sid, CASE WHEN pgqueue.status_event(provider_status) = 'failed'
+                              THEN last_error_code END
+    FROM finished WHERE pgqueue.status_event(provider_status) IS NOT NULL
 ), held AS (
     INSERT INTO pgqueue.early_statuses AS e (tenant_id, provider_sid, status, error_code)
     SELECT %(tenant_id)s, %(sid)s, i.status, CASE WHEN i.rank = pgqueue.failed_rank() THEN %(error_code)s END
@@ -1028,9 +1084,15 @@ SELECT NULL, NULL, true FROM held;
 -- (30036): it ends `expired`, as it would have here, and its tenant's totals move from
 -- completed to expired.
 WITH turned AS (
-    UPDATE pgqueue.job_history h SET state = 'expired'
+    UPDATE pgqueue.job_history h
+    SET state = 'expired', event_tx = pgqueue.event_tx(h.event_tx)
     WHERE h.provider_sid = %(sid)s AND h.tenant_id = %(tenant_id)s AND h.state = 'completed'
-    RETURNING h.tenant_id
+    RETURNING h.id, h.tenant_id, h.queue, h.attempts, h.provider_sid, h.event_tx
+), event AS (
+    INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, attempt, sid, code, message)
+    SELECT event_tx, tenant_id, queue, id, 'expired', attempts, provider_sid, '30036',
+           'its validity period ran out at the provider'
+    FROM turned
 )
 INSERT INTO pgqueue.tenant_totals AS tt (tenant_id, shard, completed, expired)
 SELECT tenant_id, pgqueue.counter_shard(), -count(*), count(*) FROM turned GROUP BY tenant_id
@@ -1054,7 +1116,8 @@ WITH matched AS (
         last_error_code = CASE WHEN pgqueue.provider_status_rank(m.status)
                                     = pgqueue.failed_rank()
                                THEN coalesce(m.error_code, h.last_error_code)
-                               ELSE h.last_error_code END
+                               ELSE h.last_error_code END,
+        event_tx = pgqueue.event_tx(h.event_tx)
     FROM matched m
     WHERE h.id = m.id AND h.finished_at = m.finished_at
       AND pgqueue.provider_status_rank(h.provider_status)
@@ -1062,7 +1125,13 @@ WITH matched AS (
                  THEN pgqueue.delivered_rank()
                  ELSE pgqueue.provider_status_rank(m.status) END
     RETURNING h.id, h.tenant_id, h.to_number, h.provider_status, h.last_error_code,
-              h.provider_sid AS sid
+              h.provider_sid AS sid, h.queue, h.attempts, h.event_tx
+), event AS (
+    INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, attempt, sid, code)
+    SELECT event_tx, tenant_id, queue, id, pgqueue.status_event(provider_status), attempts,
+           sid, CASE WHEN pgqueue.status_event(provider_status) = 'failed'
+                     THEN last_error_code END
+    FROM applied WHERE pgqueue.status_event(provider_status) IS NOT NULL
 ), forgotten AS (
     DELETE FROM pgqueue.early_statuses e
     WHERE EXISTS (SELECT FROM matched m
@@ -1250,10 +1319,13 @@ SELECT t.id, t.name, t.account_sid, t.whatsapp_from, t.senders, t.max_concurrenc
        t.rate_per_second, t.paused, t.paused_until, t.pause_reason, t.fallback_content_sid,
        t.fallback_variable, coalesce(f.n, 0) AS active, t.last_served_at,
        coalesce(d.completed, 0) AS completed_total, coalesce(d.failed, 0) AS failed_total,
+       t.webhook_url, w.delivered AS webhook_delivered, w.attempts AS webhook_attempts,
+       w.next_attempt_at AS webhook_next_attempt_at, w.last_error AS webhook_last_error,
        t.created_at
 FROM pgqueue.tenants t
 LEFT JOIN pgqueue.tenant_in_flight f ON f.tenant_id = t.id
 LEFT JOIN pgqueue.tenant_finished d ON d.tenant_id = t.id
+LEFT JOIN pgqueue.webhook_state w ON w.tenant_id = t.id
 WHERE %(id)s::text IS NULL OR t.id = %(id)s
 ORDER BY t.id;
 
@@ -1290,9 +1362,24 @@ UPDATE pgqueue.tenants SET
     paused = CASE WHEN 'paused' = ANY(%(set)s) THEN %(paused)s::boolean ELSE paused END,
     pause_reason = CASE WHEN 'paused' = ANY(%(set)s) THEN %(pause_reason)s
                         ELSE pause_reason END,
+    webhook_url = CASE WHEN 'webhook_url' = ANY(%(set)s) THEN %(webhook_url)s ELSE webhook_url END,
+    webhook_secret = CASE WHEN 'webhook_secret' = ANY(%(set)s) THEN %(webhook_secret)s
+                          ELSE webhook_secret END,
     updated_at = now()
 WHERE id = %(id)s
 RETURNING id;
+
+
+-- name: admin_webhook_start
+-- A tenant's webhook cursor, made when its first URL is set: the endpoint gets the
+-- events from then on, not the tenant's whole past.
+INSERT INTO pgqueue.webhook_state (tenant_id, tx, event_id)
+SELECT %(id)s, coalesce(e.tx, 0), coalesce(e.id, 0)
+FROM (SELECT 1) one
+LEFT JOIN LATERAL (SELECT tx, id FROM pgqueue.events
+                   WHERE tenant_id = %(id)s AND tx < pgqueue.events_horizon()
+                   ORDER BY tx DESC, id DESC LIMIT 1) e ON true
+ON CONFLICT (tenant_id) DO NOTHING;
 
 
 -- name: notify_all_queues
@@ -1431,3 +1518,104 @@ WHERE started_at > clock_timestamp() - interval '1 second';
 -- name: demo_jobs_live
 -- How many of these jobs are still live (not yet finished).
 SELECT count(*) AS n FROM pgqueue.jobs WHERE id = ANY(%(ids)s);
+
+
+-- =====================================================================================
+-- === Events ===
+-- The feed of a tenant's delivery events (GET /api/events, the webhooks). A cursor is
+-- (tx, id), the feed's order (pgqueue/schema.py events).
+-- =====================================================================================
+
+
+-- name: events_after
+-- A tenant's events after a cursor, in feed order, through events_feed: only those below
+-- pgqueue.events_horizon(), i.e. of transactions that have all ended, so an event that
+-- commits later can never sort before what this read hands out (gapless).
+SELECT e.id, e.tx, e.at, e.job_id, e.kind, e.attempt, e.sid, e.code, e.message, e.run_at
+FROM pgqueue.events e
+WHERE e.tenant_id = %(tenant_id)s AND (e.tx, e.id) > (%(tx)s::bigint, %(id)s::bigint)
+  AND e.tx < pgqueue.events_horizon()
+ORDER BY e.tx, e.id
+LIMIT %(limit)s;
+
+
+-- name: events_tail
+-- The cursor of a tenant's latest readable event (to follow only what comes next).
+SELECT tx, id FROM pgqueue.events
+WHERE tenant_id = %(tenant_id)s AND tx < pgqueue.events_horizon()
+ORDER BY tx DESC, id DESC
+LIMIT 1;
+
+
+-- name: job_events
+-- One message's events, oldest first (jobs show), through events_job.
+SELECT e.id, e.tx, e.at, e.job_id, e.kind, e.attempt, e.sid, e.code, e.message, e.run_at
+FROM pgqueue.events e
+WHERE e.job_id = %(job_id)s AND (%(tenant_id)s::text IS NULL OR e.tenant_id = %(tenant_id)s)
+ORDER BY e.tx, e.id;
+
+
+-- name: webhook_take
+-- Up to %(limit)s tenants whose endpoint is due and has events waiting, leased to this
+-- worker for %(lease)s seconds: one delivery per tenant at a time, so its events arrive
+-- in feed order. A lease that ran out (its worker died) is taken over.
+WITH due AS (
+    SELECT w.tenant_id
+    FROM pgqueue.webhook_state w
+    JOIN pgqueue.tenants t ON t.id = w.tenant_id
+    WHERE t.webhook_url IS NOT NULL AND w.next_attempt_at <= clock_timestamp()
+      AND (w.lease_until IS NULL OR w.lease_until < clock_timestamp())
+      AND EXISTS (SELECT 1 FROM pgqueue.events e
+                  WHERE e.tenant_id = w.tenant_id AND (e.tx, e.id) > (w.tx, w.event_id)
+                    AND e.tx < pgqueue.events_horizon())
+    ORDER BY w.next_attempt_at
+    LIMIT %(limit)s
+    FOR UPDATE OF w SKIP LOCKED
+)
+UPDATE pgqueue.webhook_state w
+SET leased_by = %(worker_id)s, lease_until = clock_timestamp() + make_interval(secs => %(lease)s)
+FROM due, pgqueue.tenants t
+WHERE w.tenant_id = due.tenant_id AND t.id = w.tenant_id
+RETURNING w.tenant_id, w.tx, w.event_id, w.attempts, t.webhook_url, t.webhook_secret;
+
+
+-- name: webhook_done
+-- The leased batch was acknowledged (or, %(dead)s, given up on and kept as a dead
+-- letter with its events): the cursor moves past it and the lease ends. Nothing changes
+-- when the lease is no longer ours.
+WITH state AS (
+    UPDATE pgqueue.webhook_state w
+    SET tx = %(tx)s, event_id = %(id)s, attempts = 0, next_attempt_at = clock_timestamp(),
+        leased_by = NULL, lease_until = NULL,
+        last_error = CASE WHEN %(dead)s THEN %(error)s END,
+        delivered = w.delivered + CASE WHEN %(dead)s THEN 0 ELSE %(n)s END,
+        updated_at = clock_timestamp()
+    WHERE w.tenant_id = %(tenant_id)s AND w.leased_by = %(worker_id)s
+    RETURNING w.tenant_id
+)
+INSERT INTO pgqueue.webhook_dead_letters (tenant_id, events, attempts, last_error)
+SELECT tenant_id, %(events)s::jsonb, %(attempts)s, %(error)s FROM state WHERE %(dead)s;
+
+
+-- name: webhook_failed
+-- The endpoint refused or did not answer: the same batch is tried again after %(delay)s s.
+UPDATE pgqueue.webhook_state w
+SET attempts = w.attempts + 1,
+    next_attempt_at = clock_timestamp() + make_interval(secs => %(delay)s),
+    leased_by = NULL, lease_until = NULL, last_error = %(error)s,
+    updated_at = clock_timestamp()
+WHERE w.tenant_id = %(tenant_id)s AND w.leased_by = %(worker_id)s;
+
+
+-- name: webhook_dead_letters
+-- Batches a tenant's endpoint kept refusing, newest first.
+SELECT d.id, d.tenant_id, d.events, d.attempts, d.last_error, d.failed_at
+FROM pgqueue.webhook_dead_letters d
+WHERE %(tenant_id)s::text IS NULL OR d.tenant_id = %(tenant_id)s
+ORDER BY d.id DESC
+LIMIT %(limit)s;
+
+
+-- name: webhook_target
+-- Where and with what secret a tenant's events are posted.
+SELECT id, webhook_url, webhook_secret FROM pgqueue.tenants WHERE id = %(tenant_id)s;

@@ -42,6 +42,7 @@ TZ = TIMESTAMP(timezone=True)
 NOW = text("now()")
 
 job_seq = Sequence("job_seq", metadata=metadata, schema=SCHEMA)
+event_seq = Sequence("event_seq", metadata=metadata, schema=SCHEMA)
 
 queues = Table(
     "queues",
@@ -95,6 +96,10 @@ tenants = Table(
     Column("fallback_content_sid", Text),
     Column("fallback_variable", Text),
     Column("last_served_at", TZ),
+    # Where the tenant's delivery events are posted (pgqueue/webhooks.py), signed with
+    # the secret (stored sealed like auth_token: pgqueue/credentials.py).
+    Column("webhook_url", Text),
+    Column("webhook_secret", Text),
     Column("created_at", TZ, nullable=False, server_default=NOW),
     Column("updated_at", TZ, nullable=False, server_default=NOW),
     CheckConstraint(
@@ -199,6 +204,9 @@ def _message_columns(*, live: bool) -> list[Column[object]]:
         Column("started_at", TZ),
         # Not started by then, a message is never sent: it ends `expired` (its deadline).
         Column("expires_at", TZ),
+        # The order key (events.tx) of the message's latest event: its next event gets
+        # at least this one, so a message's events never come out of order in the feed.
+        Column("event_tx", BigInteger),
     ]
 
 
@@ -345,6 +353,70 @@ sandbox_messages = Table(
     Column("created_at", TZ, nullable=False, server_default=NOW),
 )
 
-# Tables Alembic must not compare: the day partitions of job_history are created at run
-# time by pgqueue.ensure_history_partitions().
-RUNTIME_TABLE_PREFIXES = ("job_history_p",)
+# Every state change of a message, written in the transaction that makes it (an outbox),
+# read by tenants as a feed (GET /api/events) and posted to their webhooks. Ordered by
+# (tx, id): tx is the writing transaction's id, raised to the message's previous event's
+# where that is higher (jobs.event_tx), and a reader takes only the events of
+# transactions older than every one still running (pgqueue.events_horizon), so no event
+# can appear later behind a cursor already handed out. Partitioned by day like history.
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigInteger, nullable=False, server_default=event_seq.next_value()),
+    Column("tx", BigInteger, nullable=False),
+    Column("at", TZ, nullable=False, server_default=text("clock_timestamp()")),
+    Column("tenant_id", Text, nullable=False),
+    Column("queue", Text, nullable=False),
+    Column("job_id", BigInteger, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("attempt", Integer),
+    Column("sid", Text),
+    Column("code", Text),
+    Column("message", Text),
+    # A retry's next run; a queued message's due moment.
+    Column("run_at", TZ),
+    CheckConstraint(
+        "kind IN ('queued', 'sending', 'sent', 'retry_scheduled', 'delivered', 'read', "
+        "'failed', 'expired', 'canceled')",
+        name="events_kind_known",
+    ),
+    Index("events_feed", "tenant_id", "tx", "id"),
+    Index("events_job", "job_id", "id"),
+    postgresql_partition_by="RANGE (at)",
+)
+
+# Each tenant's webhook cursor: the last event its endpoint acknowledged, and the retry
+# state of the batch after it. A worker holds a tenant's row for one delivery at a time
+# (lease), so its events reach the endpoint in feed order.
+webhook_state = Table(
+    "webhook_state",
+    metadata,
+    Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    Column("tx", BigInteger, nullable=False, server_default=text("0")),
+    Column("event_id", BigInteger, nullable=False, server_default=text("0")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", TZ, nullable=False, server_default=NOW),
+    Column("leased_by", Text),
+    Column("lease_until", TZ),
+    Column("last_error", Text),
+    Column("delivered", BigInteger, nullable=False, server_default=text("0")),
+    Column("updated_at", TZ, nullable=False, server_default=NOW),
+)
+
+# Batches a tenant's endpoint kept refusing (every attempt failed): kept with their
+# events, so nothing is lost, and the cursor moves on past them.
+webhook_dead_letters = Table(
+    "webhook_dead_letters",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("events", JSONB, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text),
+    Column("failed_at", TZ, nullable=False, server_default=NOW),
+    Index("webhook_dead_letters_tenant", "tenant_id", "id"),
+)
+
+# Tables Alembic must not compare: the day partitions of job_history and events are
+# created at run time by pgqueue.ensure_history_partitions().
+RUNTIME_TABLE_PREFIXES = ("job_history_p", "events_p")

@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pgqueue import dashboard, jobs, migrate, queries
+from pgqueue import dashboard, events, jobs, migrate, queries, webhooks
 from pgqueue.config import Settings
 from pgqueue.credentials import CredentialError, Keyring
 from pgqueue.db import make_pool, resolve_database_url, shares_sessions
@@ -81,7 +81,15 @@ from pgqueue.http.auth import (
     twilio_signed,
 )
 from pgqueue.http.errors import RETRY_AFTER_S, HttpError, error_json, error_response
-from pgqueue.http.models import DirectSend, EnqueuedJob, json_body
+from pgqueue.http.models import (
+    DirectSend,
+    EnqueuedJob,
+    EventPage,
+    WebhookDeadLetter,
+    WebhookDeadLetters,
+    WebhookTest,
+    json_body,
+)
 from pgqueue.http.models import Job as JobAnswer
 from pgqueue.http.openapi import openapi_spec
 from pgqueue.http.parsing import (
@@ -92,6 +100,7 @@ from pgqueue.http.parsing import (
     job_id_in_path,
     known_parameters,
     message_from_json,
+    number_parameter,
     parse_older_than,
     read_body,
     read_json,
@@ -512,6 +521,72 @@ class Api:
             )
         return JSONResponse({"deleted": deleted})
 
+    # -- delivery events ---------------------------------------------------------------
+
+    async def _one_tenant(self, request: Request) -> str:
+        tenant_id = self.scope(await self.caller(request), request)
+        if tenant_id is None:
+            raise HttpError(
+                422,
+                "invalid_request",
+                "the admin token reads one tenant's events and webhooks: tenant=<id>",
+                field="tenant",
+            )
+        return tenant_id
+
+    async def events_feed(self, request: Request) -> Response:
+        """The tenant's events after `after`; with `wait`, a long poll. Between looks no
+        connection is held, so waiting readers cost the pool nothing."""
+        tenant_id = await self._one_tenant(request)
+        after = events.parse_cursor(request.query_params.get("after"))
+        limit = int(
+            number_parameter(
+                request, "limit", default=100, low=1, high=events.MAX_LIMIT, whole=True
+            )
+        )
+        wait_s = number_parameter(request, "wait", default=0, low=0, high=events.MAX_WAIT_S)
+        deadline = time.monotonic() + min(wait_s, self.request_timeout_s - 5.0)
+        while True:
+            async with self.db() as conn:
+                rows = await events.read(conn, tenant_id, after, limit=limit)
+            left = deadline - time.monotonic()
+            if rows or left <= 0:
+                break
+            await asyncio.sleep(min(events.POLL_S, left))
+        page = EventPage.of([events.as_json(r) for r in rows], str(events.next_cursor(rows, after)))
+        return JSONResponse(json_body(page))
+
+    async def webhook_test(self, request: Request) -> Response:
+        """Posts one signed `webhook.test` request to the tenant's URL now and says how
+        the endpoint answered; the feed and the webhook cursor are left as they were."""
+        tenant_id = await self._one_tenant(request)
+        async with self.db() as conn:
+            row = await queries.fetch_one(conn, "webhook_target", {"tenant_id": tenant_id})
+        if row is None or not row["webhook_url"]:
+            raise HttpError(
+                409,
+                "no_webhook",
+                "the tenant has no webhook URL: pgqueue tenant set ID --webhook-url URL",
+            )
+        secret = self.keyring.open(row["webhook_secret"] or "")
+        payload = {"test": True, "tenantId": tenant_id, "events": []}
+        async with webhooks.session(timeout_s=10.0) as session:
+            posted = await webhooks.post(session, row["webhook_url"], secret, payload)
+        answer = WebhookTest(
+            url=row["webhook_url"], delivered=posted.ok, status=posted.status, error=posted.error
+        )
+        return JSONResponse(json_body(answer))
+
+    async def webhook_dead_letters(self, request: Request) -> Response:
+        tenant_id = await self._one_tenant(request)
+        limit = int(number_parameter(request, "limit", default=50, low=1, high=500, whole=True))
+        async with self.db() as conn:
+            rows = await queries.fetch_all(
+                conn, "webhook_dead_letters", {"tenant_id": tenant_id, "limit": limit}
+            )
+        answer = WebhookDeadLetters(dead_letters=[WebhookDeadLetter.of(r) for r in rows])
+        return JSONResponse(json_body(answer))
+
     # -- Twilio status callbacks -------------------------------------------------------
 
     async def twilio_status(self, request: Request) -> Response:
@@ -717,6 +792,16 @@ def create_app(
         api.route("/api/jobs/{job_id}", api.get_job, ["GET"]),
         api.route("/api/jobs/{job_id}", api.cancel_job, ["DELETE"]),
         api.route("/api/jobs/{job_id}/retry", api.retry_job, ["POST"]),
+        api.route(
+            "/api/events", api.events_feed, ["GET"], query=("after", "limit", "wait", "tenant")
+        ),
+        api.route("/api/webhook/test", api.webhook_test, ["POST"], query=("tenant",)),
+        api.route(
+            "/api/webhook/dead-letters",
+            api.webhook_dead_letters,
+            ["GET"],
+            query=("limit", "tenant"),
+        ),
         # Query strings are part of what Twilio signs; they are checked there.
         api.route("/api/twilio/status", api.twilio_status, ["POST"], query=None),
         api.route("/api/twilio/status/{tenant}", api.twilio_status, ["POST"], query=None),

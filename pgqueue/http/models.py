@@ -242,6 +242,78 @@ class Job(Answer):
         )
 
 
+EventKinds = Literal[
+    "queued",
+    "sending",
+    "sent",
+    "retry_scheduled",
+    "delivered",
+    "read",
+    "failed",
+    "expired",
+    "canceled",
+]
+
+
+class Event(Answer):
+    """One state change of a message (pgqueue.events.as_json makes them)."""
+
+    cursor: Annotated[str, Meta(description="this event's place in the feed")]
+    id: int
+    type: EventKinds
+    job_id: int
+    at: datetime
+    attempt: int | None = None
+    sid: Annotated[str | None, Meta(description="the provider's message SID")] = None
+    error_code: str | None = None
+    error_message: str | None = None
+    run_at: Annotated[
+        datetime | None, Meta(description="queued: when it is due; retry_scheduled: the retry")
+    ] = None
+
+
+class EventPage(Answer):
+    events: list[Event]
+    next_cursor: Annotated[
+        str, Meta(description="pass as `after` to read on (the same cursor when no events)")
+    ]
+
+    @classmethod
+    def of(cls, rows: list[dict[str, Any]], next_cursor: str) -> EventPage:
+        return cls(events=[msgspec.convert(r, Event) for r in rows], next_cursor=next_cursor)
+
+
+class WebhookTest(Answer):
+    url: str
+    delivered: Annotated[bool, Meta(description="the endpoint answered 2xx")]
+    status: int | None = None
+    error: str | None = None
+
+
+class WebhookDeadLetter(Answer):
+    id: int
+    tenant_id: str
+    events: list[Event]
+    attempts: int
+    last_error: str | None
+    failed_at: datetime
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> WebhookDeadLetter:
+        return cls(
+            id=int(row["id"]),
+            tenant_id=row["tenant_id"],
+            events=[msgspec.convert(e, Event) for e in row["events"]],
+            attempts=int(row["attempts"]),
+            last_error=row["last_error"],
+            failed_at=row["failed_at"],
+        )
+
+
+class WebhookDeadLetters(Answer):
+    dead_letters: list[WebhookDeadLetter]
+
+
 class Canceled(Answer):
     job_id: int
     status: Literal["canceled"]
@@ -287,6 +359,11 @@ SCHEMAS: dict[str, type[Answer]] = {
     "Job": Job,
     "Canceled": Canceled,
     "Deleted": Deleted,
+    "Event": Event,
+    "EventPage": EventPage,
+    "WebhookTest": WebhookTest,
+    "WebhookDeadLetter": WebhookDeadLetter,
+    "WebhookDeadLetters": WebhookDeadLetters,
     "StatusCallbackResult": StatusCallbackResult,
     "Status": Status,
     "Ready": Ready,

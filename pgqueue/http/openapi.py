@@ -322,6 +322,81 @@ def _openapi_routes() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/events": {
+                "get": {
+                    "summary": "The tenant's delivery events after a cursor, oldest first "
+                    "(gapless; a message's events in the order they happened); with "
+                    "`wait`, waits up to that many seconds for the first",
+                    "security": tenant_auth,
+                    "parameters": [
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "required": False,
+                            "description": "a nextCursor this feed returned; none: the start",
+                            "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "required": False,
+                            "description": "long poll: seconds to wait for an event (0-30)",
+                            "schema": {"type": "number", "minimum": 0, "maximum": 30},
+                        },
+                        tenant_query,
+                    ],
+                    "responses": {
+                        "200": _json_ok("Events and the cursor to read on from", "EventPage"),
+                        "401": _E401,
+                        "403": _E403,
+                        "422": _E422_QUERY,
+                        "503": _E503,
+                    },
+                }
+            },
+            "/api/webhook/test": {
+                "post": {
+                    "summary": "Post a signed test request to the tenant's webhook URL now",
+                    "security": tenant_auth,
+                    "parameters": [tenant_query],
+                    "responses": {
+                        "200": _json_ok("How the endpoint answered", "WebhookTest"),
+                        "401": _E401,
+                        "403": _E403,
+                        "409": _err("The tenant has no webhook URL", "no_webhook"),
+                        "422": _E422_QUERY,
+                        "503": _E503,
+                    },
+                }
+            },
+            "/api/webhook/dead-letters": {
+                "get": {
+                    "summary": "Batches of events the tenant's endpoint kept refusing",
+                    "security": tenant_auth,
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                        },
+                        tenant_query,
+                    ],
+                    "responses": {
+                        "200": _json_ok("Newest first", "WebhookDeadLetters"),
+                        "401": _E401,
+                        "403": _E403,
+                        "422": _E422_QUERY,
+                        "503": _E503,
+                    },
+                }
+            },
             "/api/twilio/status/{tenant}": {
                 "post": {
                     "summary": "Twilio status callback for one tenant's messages",

@@ -138,6 +138,25 @@ def known_parameters(request: Request, known: tuple[str, ...]) -> None:
             )
 
 
+def number_parameter(
+    request: Request, name: str, *, default: float, low: float, high: float, whole: bool = False
+) -> float:
+    """A numeric query parameter within [low, high], or its default when absent."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:
+        kind = "a whole number" if whole else "a number"
+        raise HttpError(
+            422, "invalid_request", f"{name} must be {kind} from {low:g} to {high:g}", field=name
+        )
+    return value
+
+
 def token_shape(token: str) -> bool:
     """Tokens are made by admin.create_token; anything else is not looked up at all."""
     return token.startswith(admin.TOKEN_PREFIX) and len(token) <= 200

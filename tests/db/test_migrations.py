@@ -42,12 +42,15 @@ def test_drift_is_detected(db_url: str) -> None:
 
 def test_history_partitions_are_created_and_dropped(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as c:
-        assert c.execute("SELECT pgqueue.ensure_history_partitions(5)").fetchone() == (2,)
-        parts = c.execute(
-            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'pgqueue.job_history'::regclass"
-        ).fetchone()
-        assert parts == (7,)  # six days and the default
+        # Two more days for each of job_history and events.
+        assert c.execute("SELECT pgqueue.ensure_history_partitions(5)").fetchone() == (4,)
+        for table in ("job_history", "events"):
+            parts = c.execute(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = %s::regclass",
+                (f"pgqueue.{table}",),
+            ).fetchone()
+            assert parts == (7,)  # six days and the default
         dropped = c.execute(
             "SELECT pgqueue.drop_history_partitions(now() + interval '3 days')"
         ).fetchone()
-        assert dropped is not None and dropped[0] >= 2
+        assert dropped is not None and dropped[0] >= 4
