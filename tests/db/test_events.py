@@ -171,13 +171,15 @@ async def test_a_change_made_by_an_older_transaction_still_follows_the_one_it_sa
     """A transaction may take its id before the change it acts on commits (read
     committed): its event must still come after that change's in the feed."""
     await add_tenants(conn, 1)
-    async with await psycopg.AsyncConnection.connect(
-        db_url, autocommit=True, row_factory=psycopg.rows.dict_row
-    ) as older:
-        async with older.transaction():
-            await older.execute("SELECT pg_current_xact_id()")
-            job = await send(conn, "t0", 1)
-            await jobs.cancel_job(older, job.job_id, queue=QUEUE, tenant_id="t0")
+    async with (
+        await psycopg.AsyncConnection.connect(
+            db_url, autocommit=True, row_factory=psycopg.rows.dict_row
+        ) as older,
+        older.transaction(),
+    ):
+        await older.execute("SELECT pg_current_xact_id()")
+        job = await send(conn, "t0", 1)
+        await jobs.cancel_job(older, job.job_id, queue=QUEUE, tenant_id="t0")
     assert [r["kind"] for r in await feed(conn, "t0")] == ["queued", "canceled"]
 
 
