@@ -7,7 +7,12 @@ Builds the throughput figure's backlog (20,000 jobs, 10 tenants x 200 conversati
 20), runs N turns (default 300) by hand on one connection, statement by statement in
 the order queries.cycle sends them: lock_queue, complete_jobs and promote_heads for
 the K jobs the previous turn claimed (all completed), claim_jobs for K more, turn_end,
-COMMIT. Every batch size starts from a copy of the same backlog.
+COMMIT. Every batch size starts from a copy of the same backlog. After the turns, the
+rest of a message's life on the server: enqueue_batch of 100 new messages (20 times),
+and a delivered status callback (api_provider_status) for each of 200 sent messages;
+the last line sums one message's server CPU: enqueue + claim and completion (a turn of
+K / K) + its callback. Run it from two checkouts (PYTHONPATH=<other checkout>) to size
+what a change costs per message.
 
 Prints per statement the median wall time seen by the client and the mean CPU time of
 the server process, read from /proc/PID/schedstat, which counts nanoseconds on the CPU
@@ -28,14 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from _common import redact, scratch_database, server_url
-from _dispatch_common import LIFTED_LIMITS, QUEUE, PgqueueDb, backlog, is_local
+from _dispatch_common import LIFTED_LIMITS, QUEUE, PgqueueDb, backlog, is_local, tenant_name
 from psycopg.types.json import Jsonb
 
 from pgqueue import queries
 from pgqueue.db import connect
+from pgqueue.enqueue import enqueue_whatsapp_send_batch
 
 TENANTS, PHONES, PER_CONVERSATION = 10, 200, 10
 SKIP = 20  # warm-up turns left out of the figures
+CALLBACKS, ENQUEUES = 200, 20
+PER_ENQUEUE = 100
 # The backlog, built once; each batch size measures a copy of it.
 TEMPLATE_DB = "bench_turn_cost_base"
 
@@ -81,6 +89,7 @@ async def measure(url: str, batch: int, turns: int) -> dict[str, tuple[float, fl
         return rows
 
     claimed: list[queries.Row] = []
+    sids: list[str] = []
     try:
         for _ in range(turns):
             await timed("BEGIN", conn.execute("BEGIN"))
@@ -98,6 +107,7 @@ async def measure(url: str, batch: int, turns: int) -> dict[str, tuple[float, fl
                     }
                     for r in claimed
                 ]
+                sids += [o["sid"] for o in outcomes]
                 await statement("complete_jobs", {"queue": QUEUE, "outcomes": Jsonb(outcomes)})
                 conversations = sorted({r["conversation"] for r in claimed})
                 await statement("promote_heads", {"queue": QUEUE, "conversations": conversations})
@@ -120,6 +130,19 @@ async def measure(url: str, batch: int, turns: int) -> dict[str, tuple[float, fl
             await timed("COMMIT", conn.execute("COMMIT"))
             if len(claimed) < batch:
                 raise RuntimeError(f"the backlog ran out after claiming {len(claimed)}")
+        for sid in sids[-(SKIP + CALLBACKS) :]:
+            await statement(
+                "api_provider_status",
+                {
+                    "tenant_id": tenant_name(0),
+                    "sid": sid,
+                    "status": "delivered",
+                    "error_code": None,
+                },
+            )
+        for i in range(SKIP + ENQUEUES):
+            more = backlog([0], 100, 1, first_phone=PHONES + 100 * i, tag=f"e{i}-")
+            await timed("enqueue_batch", enqueue_whatsapp_send_batch(conn, more))
     finally:
         await conn.close()
     return {
@@ -169,10 +192,19 @@ async def main() -> int:
             w, c = results[batch].get(name, (float("nan"), None))
             cells.append(f"{w:>25.2f} / {c:.3f}" if c is not None else f"{w:>25.2f} /   n/a")
         print(f"{name:15s}" + "".join(cells))
+    life = ("enqueue_batch", "api_provider_status")
     for batch, stats in results.items():
-        total = [c for _, c in stats.values() if c is not None]
+        total = [c for name, (_, c) in stats.items() if c is not None and name not in life]
         if total:
             print(f"server CPU per turn of {batch} job(s): {sum(total):.2f} ms")
+            enqueue, callback = stats["enqueue_batch"][1], stats["api_provider_status"][1]
+            if enqueue is not None and callback is not None:
+                per = enqueue / PER_ENQUEUE + sum(total) / batch + callback
+                print(
+                    f"server CPU per message ({batch} a turn): {per:.3f} ms = enqueue "
+                    f"{enqueue / PER_ENQUEUE:.3f} + turn {sum(total) / batch:.3f} + "
+                    f"callback {callback:.3f}"
+                )
     return 0
 
 

@@ -162,6 +162,7 @@ async def snapshot(conn: queries.Conn, queue: str) -> dict[str, Any]:
     tenants = await queries.fetch_all(conn, "tenant_in_flight", {"queue": queue})
     series = await queries.fetch_all(conn, "dashboard_throughput", {"queue": queue})
     failed = await queries.fetch_all(conn, "dashboard_failed", {"queue": queue, "limit": 50})
+    hooks = await queries.fetch_all(conn, "api_webhooks", {"tenant_id": None})
     rate_wait = float(limits.get("rate_wait") or 0.0)
     return {
         "queue": queue,
@@ -202,6 +203,15 @@ async def snapshot(conn: queries.Conn, queue: str) -> dict[str, Any]:
                 "finishedAt": f["finished_at"].isoformat(),
             }
             for f in failed
+        ],
+        "webhooks": [
+            {
+                "tenant": w["tenant_id"],
+                "delivered": int(w["delivered"]),
+                "failing": int(w["attempts"]),
+                "dead": int(w["dead"]),
+            }
+            for w in hooks
         ],
         "now": time.time(),
     }
@@ -294,6 +304,8 @@ svg{width:100%;height:160px}.muted{color:#8a94a3}
  preserveAspectRatio="none"></svg><p id="chartinfo" class="muted"></p></section>
 <section><h2>Tenants: in flight / limit</h2><table id="tenants"></table></section>
 <section><h2>Paused tenants</h2><div id="paused" class="muted"></div></section>
+<section><h2>Webhooks: events delivered, refusals in a row, dead letters</h2>
+<table id="webhooks"></table></section>
 <section style="grid-column:1/-1"><h2>Failed jobs (dead letters)</h2>
 <table id="failed"></table></section>
 </main>
@@ -341,6 +353,10 @@ async function refresh() {
   const paused = d.tenants.filter(t => t.paused);
   el("paused").innerHTML = paused.length ? paused.map(t =>
     `<div class="paused">${esc(t.id)}: ${esc(t.reason)}</div>`).join("") : "none";
+  el("webhooks").innerHTML = "<tr><th>tenant</th><th>delivered</th><th>failing</th>" +
+    "<th>dead letters</th></tr>" + d.webhooks.map(w => `<tr data-webhook="${esc(w.tenant)}">` +
+    `<td>${esc(w.tenant)}</td><td>${w.delivered}</td><td>${w.failing}</td>` +
+    `<td>${w.dead}</td></tr>`).join("");
   el("failed").innerHTML = "<tr><th>job</th><th>tenant</th><th>to</th><th>code</th>" +
     "<th>error</th><th>attempts</th><th></th></tr>" + d.failedJobs.map(f =>
     `<tr data-job="${f.id}"><td>${f.id}</td><td>${esc(f.tenant)}</td><td>${esc(f.to)}</td>` +

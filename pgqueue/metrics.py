@@ -99,6 +99,7 @@ async def queue_snapshot(conn: queries.Conn, queue: str) -> dict[str, Any]:
         "tenants": await queries.fetch_all(conn, "api_tenants", params),
         "failures": await queries.fetch_all(conn, "api_recent_failures", params),
         "retrying": await queries.fetch_all(conn, "api_retrying_by_code", params),
+        "webhooks": await queries.fetch_all(conn, "api_webhooks", params),
     }
 
 
@@ -175,6 +176,27 @@ class SnapshotCollector:
         for r in self.snapshot["retrying"]:
             retrying.add_metric([q, str(r["code"])], float(r["n"]))
         yield retrying
+        hooks: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "delivered": CounterMetricFamily(
+                "pgqueue_webhook_events_delivered",
+                "Delivery events a tenant's webhook endpoint acknowledged",
+                labels=["tenant"],
+            ),
+            "dead": GaugeMetricFamily(
+                "pgqueue_webhook_dead_letters",
+                "Batches of events a tenant's endpoint kept refusing (kept, not posted again)",
+                labels=["tenant"],
+            ),
+            "attempts": GaugeMetricFamily(
+                "pgqueue_webhook_failed_attempts",
+                "Attempts in a row the tenant's endpoint has refused (0: healthy)",
+                labels=["tenant"],
+            ),
+        }
+        for w in self.snapshot.get("webhooks", []):
+            for key, family in hooks.items():
+                family.add_metric([w["tenant_id"]], float(w[key]))
+        yield from hooks.values()
 
         state = self.snapshot["state"]
         if state is None:

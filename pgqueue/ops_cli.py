@@ -20,7 +20,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from pgqueue import jobs, migrate, queries
+from pgqueue import events, jobs, migrate, queries
 from pgqueue.config import Settings, redact_url
 from pgqueue.db import connect, resolve_database_url, shares_sessions
 from pgqueue.enqueue import normalize_phone
@@ -191,10 +191,30 @@ async def _jobs(conn: queries.Conn, args: argparse.Namespace, settings: Settings
         return 0
     if args.action == "show":
         job = json_body(Job.of(await jobs.get_job(conn, args.id)))
+        history = [events.as_json(r) for r in await events.of_job(conn, args.id)]
         if args.json:
-            _print_json(job)
+            _print_json({**job, "events": history})
         else:
             _print(_table(f"job {args.id}", ["field", "value"], list(job.items())))
+            _print(
+                _table(
+                    "events",
+                    ["at", "event", "attempt", "detail"],
+                    [
+                        (
+                            e["at"],
+                            e["type"],
+                            e.get("attempt"),
+                            " ".join(
+                                str(e[k])
+                                for k in ("sid", "errorCode", "errorMessage", "runAt")
+                                if k in e
+                            ),
+                        )
+                        for e in history
+                    ],
+                )
+            )
         return 0
     if args.action == "cancel":
         job = await jobs.cancel_job(conn, args.id, queue=queue)

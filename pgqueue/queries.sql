@@ -592,6 +592,18 @@ FROM pgqueue.jobs j
 WHERE j.claim_token = ANY(%(tokens)s::uuid[]) AND j.state = 'active';
 
 
+-- name: unknown_claims
+-- After the lock connection was lost: active jobs claimed by this worker under a token
+-- it does not hold. Their claim was committed but its answer lost with the connection,
+-- or (after an asynchronous failover) their outcome was committed only on the old
+-- primary. The worker is alive, so find_orphans would leave them for their lease; they
+-- are provably not being sent, and the worker hands them back at once.
+SELECT j.id, j.claim_token, j.attempts, j.max_attempts, j.conversation
+FROM pgqueue.jobs j
+WHERE j.queue = %(queue)s AND j.state = 'active' AND j.claimed_by = %(worker)s
+  AND j.claim_token <> ALL(%(tokens)s::uuid[]);
+
+
 -- name: find_orphans
 -- Active jobs whose worker is gone (G9): nobody holds the conversation lock and no
 -- connection of the claiming worker exists, so its process died and its locks went with
@@ -1614,6 +1626,17 @@ FROM pgqueue.webhook_dead_letters d
 WHERE %(tenant_id)s::text IS NULL OR d.tenant_id = %(tenant_id)s
 ORDER BY d.id DESC
 LIMIT %(limit)s;
+
+
+-- name: api_webhooks
+-- Each tenant with a webhook: events acknowledged, dead letters, refusals in a row.
+SELECT w.tenant_id, w.delivered, w.attempts,
+       (SELECT count(*) FROM pgqueue.webhook_dead_letters d
+        WHERE d.tenant_id = w.tenant_id) AS dead
+FROM pgqueue.webhook_state w
+JOIN pgqueue.tenants t ON t.id = w.tenant_id
+WHERE t.webhook_url IS NOT NULL AND (%(tenant_id)s::text IS NULL OR w.tenant_id = %(tenant_id)s)
+ORDER BY w.tenant_id;
 
 
 -- name: webhook_target

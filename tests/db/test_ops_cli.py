@@ -98,7 +98,10 @@ async def test_jobs_list_show_retry_and_clean(db_url: str, conn: Any, tmp_path: 
     dead = next(j for j in failed if j["tenantId"] == "t0")["id"]
     shown = (await pgqueue(db_url, "jobs", "show", str(dead), "--json")).json()
     assert shown["lastErrorCode"] == "21211" and shown["attempts"] == 1
-    assert "lastErrorMessage" in (await pgqueue(db_url, "jobs", "show", str(dead))).out
+    assert [e["type"] for e in shown["events"]] == ["queued", "sending", "failed"]
+    assert shown["events"][-1]["errorCode"] == "21211"
+    text = (await pgqueue(db_url, "jobs", "show", str(dead))).out
+    assert "lastErrorMessage" in text and "sending" in text
     missing = await pgqueue(db_url, "jobs", "show", "999999")
     assert missing.code == 2 and "no job 999999" in missing.err
 

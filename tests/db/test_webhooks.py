@@ -169,6 +169,9 @@ async def test_a_batch_the_endpoint_keeps_refusing_becomes_a_dead_letter(
             [dead] = answer.json()["deadLetters"]
             assert [e["jobId"] for e in dead["events"]] == jobs_sent
             assert dead["attempts"] == 3 and dead["lastError"] == "HTTP 500"
+            metrics = (await http.get("/metrics", headers=auth)).text
+            assert 'pgqueue_webhook_dead_letters{tenant="t0"} 1.0' in metrics
+            assert 'pgqueue_webhook_events_delivered_total{tenant="t0"} 0.0' in metrics
             # The test endpoint posts one signed request and says how it was answered.
             ep.failing = 0.0
             tested = await http.post("/api/webhook/test", params={"tenant": "t0"}, headers=auth)
