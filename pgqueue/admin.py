@@ -338,13 +338,20 @@ class Rotated:
 
 
 async def rotate_key(conn: queries.Conn, keyring: Keyring) -> Rotated:
-    """Every tenant's auth token encrypted again with the keyring's first key (plain ones
-    for the first time), in one transaction that locks the tenants' rows, so a token
-    changed meanwhile is not overwritten. Raises CredentialError, changing nothing, when
-    a token is encrypted with a key the keyring lacks."""
+    """Every tenant's auth token (and webhook secret) encrypted again with the keyring's
+    first key (plain ones for the first time), in one transaction that locks the tenants'
+    rows, so a token changed meanwhile is not overwritten. Raises CredentialError,
+    changing nothing, when a token is encrypted with a key the keyring lacks."""
     async with conn.transaction():
         rows = await queries.fetch_all(conn, "admin_lock_auth_tokens", {})
-        fresh = [{"auth_token": keyring.reseal(r["auth_token"]), "id": r["id"]} for r in rows]
+        fresh = [
+            {
+                "auth_token": keyring.reseal(r["auth_token"]),
+                "webhook_secret": r["webhook_secret"] and keyring.reseal(r["webhook_secret"]),
+                "id": r["id"],
+            }
+            for r in rows
+        ]
         async with conn.cursor() as update:
             await update.executemany(queries.sql("admin_store_auth_token"), fresh)
     return Rotated(tenants=len(rows), were_plain=sum(not is_sealed(r["auth_token"]) for r in rows))

@@ -621,9 +621,7 @@ WHERE j.queue = %(queue)s AND j.state = 'active'
   AND (
     j.lease_expires_at < clock_timestamp()
     OR (
-      greatest(pg_postmaster_start_time(), pg_last_xact_replay_timestamp(),
-               (SELECT max(w.backend_start) FROM pg_stat_activity w
-                WHERE w.backend_type = 'walwriter'))
+      pg_postmaster_start_time()
         < clock_timestamp() - make_interval(secs => %(grace)s)
       AND NOT EXISTS (
         SELECT 1 FROM pg_stat_activity a
@@ -1428,12 +1426,14 @@ RETURNING id, prefix, tenant_id, revoked_at;
 
 
 -- name: admin_lock_auth_tokens
--- Every tenant's stored auth token, rows locked for `tenant rotate-key`.
-SELECT id, auth_token FROM pgqueue.tenants ORDER BY id FOR NO KEY UPDATE;
+-- Every tenant's stored auth token and webhook secret, rows locked for `tenant rotate-key`.
+SELECT id, auth_token, webhook_secret FROM pgqueue.tenants ORDER BY id FOR NO KEY UPDATE;
 
 
 -- name: admin_store_auth_token
-UPDATE pgqueue.tenants SET auth_token = %(auth_token)s, updated_at = now() WHERE id = %(id)s;
+UPDATE pgqueue.tenants
+SET auth_token = %(auth_token)s, webhook_secret = %(webhook_secret)s, updated_at = now()
+WHERE id = %(id)s;
 
 
 -- name: admin_queue

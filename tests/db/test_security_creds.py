@@ -219,6 +219,9 @@ async def test_rotate_key_encrypts_with_the_new_key_so_the_old_one_can_go(
     await _add_sealed(conn, KEY1)
     await add_tenants(conn, 1)  # a tenant stored before encryption: plain text
     before = await _stored(conn)
+    hook = await admin.set_tenant(
+        conn, "c0", webhook_url="https://hooks.example/c0", keyring=Keyring([KEY1])
+    )
     rotate = ["tenant", "rotate-key"]
     assert await asyncio.to_thread(cli.run, rotate, _env(db_url, KEY2, KEY1)) == 0
     assert "2 tenant(s)" in capsys.readouterr().out
@@ -226,6 +229,9 @@ async def test_rotate_key_encrypts_with_the_new_key_so_the_old_one_can_go(
     assert after != before and Keyring([KEY2]).open(after) == TWILIO_TOKEN
     plain = await _stored(conn, "t0")
     assert Keyring([KEY2]).open(plain) == "secret-token-t0" and plain.startswith("fernet:")
+    cur = await conn.execute("SELECT webhook_secret FROM pgqueue.tenants WHERE id = 'c0'")
+    sealed = (await cur.fetchone())["webhook_secret"]
+    assert Keyring([KEY2]).open(sealed) == hook["webhook_secret"]
     # Without KEY1 the worker still sends.
     await send(conn, "c0", 1, text="after rotation")
     async with twilio_worker(db_url, fake, KEY2):
