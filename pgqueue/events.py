@@ -16,23 +16,15 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 from pgqueue import queries
 from pgqueue.errors import ValidationError
+from pgqueue.models import EventKind
 
-KINDS = (
-    "queued",
-    "sending",
-    "sent",
-    "retry_scheduled",
-    "delivered",
-    "read",
-    "failed",
-    "expired",
-    "canceled",
-)
+KINDS = typing.get_args(EventKind)
 MAX_LIMIT = 1000
 MAX_WAIT_S = 30.0
 # How often a long poll looks again: an index probe each time, and events are held back

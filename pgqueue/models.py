@@ -8,6 +8,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+# What a delivery event says happened to a message (pgqueue.events, migration 0015).
+EventKind = Literal[
+    "queued",
+    "sending",
+    "sent",
+    "retry_scheduled",
+    "delivered",
+    "read",
+    "failed",
+    "expired",
+    "canceled",
+]
+
 
 class JobState(enum.StrEnum):
     """The old system's words. Live jobs are waiting, delayed or active; finished ones

@@ -242,25 +242,12 @@ class Job(Answer):
         )
 
 
-EventKinds = Literal[
-    "queued",
-    "sending",
-    "sent",
-    "retry_scheduled",
-    "delivered",
-    "read",
-    "failed",
-    "expired",
-    "canceled",
-]
-
-
 class Event(Answer):
     """One state change of a message (pgqueue.events.as_json makes them)."""
 
     cursor: Annotated[str, Meta(description="this event's place in the feed")]
     id: int
-    type: EventKinds
+    type: domain.EventKind
     job_id: int
     at: datetime
     attempt: int | None = None
