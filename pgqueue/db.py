@@ -112,10 +112,24 @@ def as_url(conninfo: str) -> str:
     return f"postgresql://{user}{password}@{host}:{port}/{dbname}"
 
 
+def _multi_host(rest: str) -> str | None:
+    """A multi-host URL (primary and standbys, `user@h1:p1,h2:p2/db?...`, after the
+    scheme) as SQLAlchemy takes it: it parses one host:port, but passes repeated `host=`
+    parameters on to libpq, which tries them in turn. None for a single host."""
+    netloc, _, tail = rest.partition("/")
+    auth, at, hosts = netloc.rpartition("@")
+    if "," not in hosts:
+        return None
+    path, _, query = tail.partition("?")
+    each = "&".join(f"host={h}" for h in hosts.split(","))
+    return f"postgresql+psycopg://{auth}{at}/{path}?{each}" + (f"&{query}" if query else "")
+
+
 def sqlalchemy_url(url: str) -> str:
     """SQLAlchemy needs the driver named; psycopg URLs and DSNs both become psycopg 3 URLs."""
     if url.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
+        rest = url.split("://", 1)[1]
+        return _multi_host(rest) or "postgresql+psycopg://" + rest
     params = psycopg.conninfo.conninfo_to_dict(url)
     host = params.pop("host", None)
     dbname = params.pop("dbname", "postgres")
@@ -148,7 +162,42 @@ async def shares_sessions(url: str) -> bool:
         await b.close()
 
 
+def on_standby(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether `conn` is on a node in recovery (a standby), from what the server reported
+    at connect time (`in_hot_standby`, PostgreSQL 14+): no round trip."""
+    return conn.pgconn.parameter_status(b"in_hot_standby") == b"on"
+
+
+def connection_lost(e: BaseException) -> bool:
+    """Whether `e` means the connection can no longer do the queue's work, so it must be
+    dropped and made again: it broke (OperationalError), or it is on a node that takes no
+    writes: a standby, or a primary demoted under it (25006 read_only_sql_transaction,
+    also raised for `cannot execute LISTEN during recovery`; 55000 `recovery is in
+    progress`). A new connection through a multi-host URL with
+    target_session_attrs=read-write lands on the node that took over."""
+    if isinstance(e, psycopg.OperationalError | psycopg.errors.ReadOnlySqlTransaction):
+        return True
+    return isinstance(e, psycopg.errors.ObjectNotInPrerequisiteState) and "recovery" in str(e)
+
+
+class StandbyConnection(psycopg.OperationalError):
+    """A connection for the queue's work landed on a standby; dropped, made again."""
+
+
+def refuse_standby(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Raises StandbyConnection if `conn` is on a standby: a URL without
+    target_session_attrs=read-write may lead there after a failover, and everything the
+    queue does writes."""
+    if on_standby(conn):
+        raise StandbyConnection(
+            f"{conn.info.host}:{conn.info.port} is a standby (in recovery); the queue needs "
+            "the primary: list every node in DATABASE_URL with target_session_attrs=read-write"
+        )
+
+
 async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    # Raising here makes the pool discard the connection and try again later.
+    refuse_standby(conn)
     await conn.set_autocommit(True)
 
 
@@ -178,20 +227,27 @@ def make_pool(
 
 
 async def connect(
-    url: str, *, application_name: str = "pgqueue", generic_plans: bool = False
+    url: str,
+    *,
+    application_name: str = "pgqueue",
+    generic_plans: bool = False,
+    primary: bool = False,
 ) -> psycopg.AsyncConnection[dict[str, Any]]:
     """An autocommit connection with dict rows. `generic_plans`: prepared statements keep
     one plan instead of being planned again for each set of parameters. The dispatcher
     wants that: with one or two jobs a turn the server otherwise re-plans promote_heads
     every turn (its one-row custom plans look cheaper than the generic one, which then
-    runs in half the time)."""
+    runs in half the time). `primary`: a standby is refused (StandbyConnection, an
+    OperationalError, so callers retry as for a server that is away)."""
     conn = await psycopg.AsyncConnection.connect(
         url, autocommit=True, row_factory=dict_row, application_name=application_name
     )
-    if generic_plans:
-        try:
+    try:
+        if primary:
+            refuse_standby(conn)
+        if generic_plans:
             await conn.execute("SET plan_cache_mode = force_generic_plan")
-        except BaseException:
-            await conn.close()
-            raise
+    except BaseException:
+        await conn.close()
+        raise
     return conn

@@ -34,8 +34,8 @@ from typing import Any
 import psycopg
 
 from pgqueue import queries
-from pgqueue.completion import decide, expired
-from pgqueue.db import connect
+from pgqueue.completion import decide, decide_lost, expired
+from pgqueue.db import connect, connection_lost
 from pgqueue.errors import first_line
 from pgqueue.logs import DeferredJobLog
 from pgqueue.models import Job, Outcome
@@ -135,6 +135,9 @@ class Dispatcher:
         self._attention = asyncio.Event()
         self._claiming = True
         self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
+        # Jobs whose conversation lock could not be taken back after a lost lock
+        # connection: no longer provably ours, so a send not started yet never starts.
+        self._lost: set[int] = set()
         self._paused_until = 0.0  # epoch s; set by a provider's 429
         self._reslot_waiters: list[tuple[str, asyncio.Future[float]]] = []
         self._reslot_task: asyncio.Task[None] | None = None
@@ -165,7 +168,10 @@ class Dispatcher:
         while True:
             try:
                 self._conn = await connect(
-                    self.url, application_name=self.config.application_name, generic_plans=True
+                    self.url,
+                    application_name=self.config.application_name,
+                    generic_plans=True,
+                    primary=True,
                 )
                 break
             except psycopg.OperationalError as e:
@@ -175,6 +181,8 @@ class Dispatcher:
         self.stats.reconnects += 1
         if self._in_flight:
             await self._retake_locks(self._conn)
+        if self.stats.reconnects > 1:
+            await self._release_unknown(self._conn)
         for hook in self._on_reconnect:
             await hook()
         return self._conn
@@ -183,10 +191,53 @@ class Dispatcher:
         tokens = [f.job.claim_token for f in self._in_flight.values()]
         rows = await queries.fetch_all(conn, "retake_locks", {"tokens": tokens})
         lost = len(tokens) - sum(1 for r in rows if r["locked"])
+        # Rescued meanwhile, or its claim never reached the node that took over (an
+        # asynchronous failover): someone else may send it; ours must not start.
+        self._lost |= set(self._in_flight) - {r["id"] for r in rows if r["locked"]}
         log.warning(
             "lock connection re-established: %d conversation locks taken back, %d lost",
             len(tokens) - lost,
             lost,
+        )
+
+    async def _release_unknown(self, conn: queries.Conn) -> None:
+        """Hands back the jobs active under this worker's name with a token it does not
+        hold (queries.sql: unknown_claims), as a rescuer would, without waiting for their
+        lease: this worker is alive, so no rescuer takes them sooner."""
+        rows = await queries.fetch_all(
+            conn,
+            "unknown_claims",
+            {
+                "queue": self.config.queue,
+                "worker": self.config.worker_id,
+                "tokens": self.claim_tokens(),
+            },
+        )
+        if not rows:
+            return
+        decided = [
+            (
+                r,
+                decide_lost(
+                    attempts=r["attempts"],
+                    max_attempts=r["max_attempts"],
+                    code="claim-lost",
+                    message="its claim or outcome was lost with the database connection",
+                ),
+            )
+            for r in rows
+        ]
+        applied = await queries.complete_jobs(
+            conn,
+            queue=self.config.queue,
+            outcomes=[d.as_row(r["id"], r["claim_token"]) for r, d in decided],
+            conversations=[r["conversation"] for r, d in decided if d.kind == "failed"],
+        )
+        log.warning(
+            "%d job(s) active under this worker but unknown to it (claim or outcome lost "
+            "with the connection) handed back: %s",
+            len(applied),
+            ", ".join(str(r["id"]) for r in applied),
         )
 
     def on_reconnect(self, hook: Callable[[], Awaitable[None]]) -> None:
@@ -205,7 +256,11 @@ class Dispatcher:
                     # A deadlock or serialization failure: the statement failed, the
                     # connection and its conversation locks are fine. The caller retries.
                     raise
-                except psycopg.OperationalError as e:
+                except psycopg.Error as e:
+                    # A node in recovery (a failover left this connection on a standby)
+                    # can never take the claim: like a lost connection, drop it.
+                    if not connection_lost(e):
+                        raise
                     log.warning("lock connection lost: %s", first_line(e))
                     with contextlib.suppress(Exception):
                         await conn.close()
@@ -486,6 +541,7 @@ class Dispatcher:
         finally:
             if entry.outcome is None:
                 entry.outcome = Outcome("release", code="internal-error")
+            self._lost.discard(job.id)
             self._done.append(entry)
             self._attention.set()
 
@@ -506,6 +562,10 @@ class Dispatcher:
         )
         result: Any
         while True:
+            if job.id in self._lost:
+                # Its lock was not taken back after a lost connection (_retake_locks;
+                # a new slot may have reconnected): another worker may send it now.
+                return Outcome("release", code="lock-lost")
             began = time.perf_counter()
             try:
                 with slot_deadline(math.inf if late_ok else slot + MAX_LATE_S, start=slot):
@@ -655,17 +715,20 @@ class Dispatcher:
                 return done.applied, unsure
             except psycopg.errors.TransactionRollback as e:
                 log.warning("writing outcomes failed, retrying: %s", first_line(e))
-            except psycopg.OperationalError as e:
+            except psycopg.Error as e:
+                if not connection_lost(e):  # a statement failed; the connection is fine
+                    log.error("writing outcomes failed, retrying: %s", first_line(e))
+                    await asyncio.sleep(0.1)
+                    continue
                 # Fenced by the claim tokens, so writing again after an unknown end is
-                # safe: a job already finished is simply no longer ours.
+                # safe: a job already finished is simply no longer ours. A node in
+                # recovery (failover) is dropped the same way.
                 log.warning("completion connection lost: %s", first_line(e))
                 unsure = True
                 if self._completer_conn is not None:
                     with contextlib.suppress(Exception):
                         await self._completer_conn.close()
                 self._completer_conn = None
-            except psycopg.Error as e:
-                log.error("writing outcomes failed, retrying: %s", first_line(e))
             except Exception:  # the outcomes stay in memory: report it, try again
                 log.exception("writing outcomes failed, retrying")
             await asyncio.sleep(0.1)
@@ -676,6 +739,7 @@ class Dispatcher:
                 self.url,
                 application_name=f"{self.config.application_name}:completer",
                 generic_plans=True,
+                primary=True,
             )
         return self._completer_conn
 

@@ -621,7 +621,9 @@ WHERE j.queue = %(queue)s AND j.state = 'active'
   AND (
     j.lease_expires_at < clock_timestamp()
     OR (
-      pg_postmaster_start_time()
+      greatest(pg_postmaster_start_time(), pg_last_xact_replay_timestamp(),
+               (SELECT max(w.backend_start) FROM pg_stat_activity w
+                WHERE w.backend_type = 'walwriter'))
         < clock_timestamp() - make_interval(secs => %(grace)s)
       AND NOT EXISTS (
         SELECT 1 FROM pg_stat_activity a

@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import queries
 from pgqueue.config import Settings
-from pgqueue.db import connect, make_pool, resolve_database_url, shares_sessions
+from pgqueue.db import connect, connection_lost, make_pool, resolve_database_url, shares_sessions
 from pgqueue.dispatcher import Dispatcher, DispatcherConfig
 from pgqueue.errors import PgQueueError, exit_code, first_line
 from pgqueue.logs import setup_logging
@@ -53,7 +53,7 @@ async def listen(
     the gaps."""
     while not stop.is_set():
         try:
-            conn = await connect(url, application_name=application_name)
+            conn = await connect(url, application_name=application_name, primary=True)
             try:
                 await conn.execute(
                     psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel))
@@ -65,7 +65,11 @@ async def listen(
                             on_notify()
             finally:
                 await conn.close()
-        except psycopg.OperationalError as e:
+        except psycopg.Error as e:
+            # `cannot execute LISTEN during recovery`: the connection is on a standby
+            # (a failover); made again, it lands on the new primary and LISTENs there.
+            if not connection_lost(e):
+                raise
             log.debug("listen connection lost: %s", e)
             await asyncio.sleep(0.2)
 

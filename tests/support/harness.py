@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -61,6 +63,7 @@ from pgqueue.models import Message
 from pgqueue.providers import WIRE_LATE_LOG_S
 from pgqueue.server import free_port
 from tests.support.kernel_stamps import Capture, KernelStamps, KernelStampsUnavailable
+from tests.support.replication import ReplicationPair
 
 REPO = Path(__file__).resolve().parents[2]
 QUEUE = "whatsapp-send"
@@ -322,6 +325,7 @@ class ApiLoad:
         self.give_up_s = give_up_s
         self.calls: list[ApiCall] = []
         self.accepted = 0
+        self.accepted_at: dict[str, float] = {}  # key -> when its 202 arrived (time.time())
         self.client = httpx.AsyncClient(
             base_url=base_url,
             timeout=API_TIMEOUT_S,
@@ -360,6 +364,7 @@ class ApiLoad:
                 )
             if call.status == 202:
                 self.accepted += 1
+                self.accepted_at[p.key] = call.at + call.latency
                 return
             if time.monotonic() > deadline:
                 raise AssertionError(f"the API did not accept {p.key} in {self.give_up_s}s")
@@ -1819,6 +1824,319 @@ async def scenario_deploy(url: str, workdir: Path, cfg: DeployConfig) -> Result:
         f"(enqueue_whatsapp_send_batch); {cfg.workers} workers; every "
         f"{cfg.restart_every:g} s a new worker starts and the oldest gets SIGTERM; provider "
         f"latency {cfg.latency} s, so sends are in flight at every SIGTERM.",
+        f,
+        db,
+        rows,
+        time.monotonic() - started,
+    )
+
+
+@dataclass(frozen=True)
+class FailoverConfig:
+    workload: Workload = Workload(10, 6, 720)
+    workers: int = 2
+    synchronous: bool = True
+    burst: int = 60
+    burst_every: float = 0.5
+    down_at: float = 4.0  # the crash, seconds after the first burst
+    # Between the primary's crash and the promotion: what a failover manager (Patroni,
+    # a cloud's) takes to decide; no node takes writes meanwhile.
+    promote_after: float = 1.0
+    # Asynchronous only: the standby's link stalls this long before the crash, so the
+    # commits of that last stretch never reach it (what asynchronous replication loses).
+    lag: float = 1.0
+    # One worker reaches the new primary this much later than the other (SIGSTOPped from
+    # the crash until this long after the promotion: a host whose route to the new
+    # primary comes up late). Its sends, answered meanwhile, are held by it; the other
+    # worker's rescuer must leave them alone for the grace, not send them again.
+    slow_worker_s: float = 3.0
+    latency: str = "0.1:0.3"
+    # The workers' rescue grace (pgqueue.worker.Worker, 10 s): the crash comes later than
+    # that after the standby started, so a grace counted from its postmaster's start (not
+    # from the promotion) would have run out already.
+    grace: float = 10.0
+    first_send_target: float = 10.0  # s, crash -> first send on the new primary
+    first_send_bound: float = 20.0  # what is asserted: far above the target, never flaky
+    timeout: float = 120.0
+
+
+# An event this close before the stall may still have had its commit cut off by it: a
+# 202 leaves the API after its commit, a provider's 201 is committed by the completer
+# a few ms later.
+STALL_SLACK_S = 0.2
+
+
+async def finished_at(url: str) -> dict[str, float]:
+    """Each finished message's key and when its outcome was committed (time.time())."""
+    conn = await connect(url, application_name="chaos-check")
+    try:
+        cur = await conn.execute(
+            "SELECT idempotency_key AS key, extract(epoch FROM finished_at)::float8 AS at "
+            "FROM pgqueue.job_history WHERE idempotency_key IS NOT NULL"
+        )
+        return {r["key"]: float(r["at"]) for r in await cur.fetchall()}
+    finally:
+        await conn.close()
+
+
+def log_counts(c: Cluster, marker: str, pattern: str = r"(\d+)") -> int:
+    """Sum of the first number after `marker` on the workers' log lines that have it."""
+    total = 0
+    for path in c.workdir.glob("worker-*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            if marker in line:
+                m = re.search(pattern, line.split(marker, 1)[1])
+                total += int(m.group(1)) if m else 0
+    return total
+
+
+async def scenario_failover(workdir: Path, cfg: FailoverConfig) -> Result:
+    """6. Primary failover (issue 20): a streaming-replication pair of the scenario's own;
+    the API and the workers on a multi-host URL; mid-run the primary is stopped with
+    `pg_ctl -m immediate` and the standby promoted. Nobody restarts anything."""
+    started = time.monotonic()
+    pair = ReplicationPair(synchronous=cfg.synchronous, relay=not cfg.synchronous)
+    try:
+        await asyncio.to_thread(pair.start)
+        url = await asyncio.to_thread(pair.create_database, "chaos_failover")
+        return await _failover(pair, url, workdir, cfg, started)
+    finally:
+        await asyncio.to_thread(pair.cleanup)
+
+
+async def _failover(
+    pair: ReplicationPair, url: str, workdir: Path, cfg: FailoverConfig, started: float
+) -> Result:
+    planned = plan(cfg.workload)
+    tokens = await add_tenants(url, cfg.workload.tenants)
+    # The crash must come more than a grace after the standby started (FailoverConfig.
+    # grace); the traffic starts late enough for the crash to fall in its middle.
+    early = pair.standby_started + cfg.grace + 2.0 - cfg.down_at - time.time()
+    if early > 0:
+        await asyncio.sleep(early)
+    at: dict[str, float] = {}
+    async with cluster(workdir, url, workers=cfg.workers, api=True, latency=cfg.latency) as c:
+        load = ApiLoad(c.api_url, tokens)
+        stop_probe = asyncio.Event()
+        probe = asyncio.create_task(load.probe("/readyz", stop_probe, every=0.25))
+        slow = c.workers[-1]
+        slow_label = slow.label
+
+        async def traffic() -> None:
+            for i in range(0, len(planned), cfg.burst):
+                t0 = time.monotonic()
+                await load.burst(planned[i : i + cfg.burst])
+                await asyncio.sleep(max(0.0, cfg.burst_every - (time.monotonic() - t0)))
+
+        async def fault() -> None:
+            stall = cfg.lag if pair.relay is not None else 0.0
+            await asyncio.sleep(cfg.down_at - stall)
+            late = pair.standby_started + cfg.grace + 2.0 - stall - time.time()
+            if late > 0:
+                await asyncio.sleep(late)
+            if pair.relay is not None:
+                at["stalled"] = time.time()
+                pair.relay.freeze()
+                await asyncio.sleep(stall)
+            at["crash"] = slow.send(signal.SIGSTOP)
+            at["down"] = await asyncio.to_thread(pair.stop_primary)
+            await asyncio.sleep(cfg.promote_after)
+            at["promoted"] = await asyncio.to_thread(pair.promote_standby)
+            await asyncio.sleep(cfg.slow_worker_s)
+            at["resumed"] = slow.send(signal.SIGCONT)
+
+        try:
+            await asyncio.gather(traffic(), fault())
+            # Asynchronous: enqueues committed after the stall are gone, so "drained" is
+            # only "nothing live" there.
+            expected = len(planned) if cfg.synchronous else 0
+            await wait_drained(url, expected, cfg.timeout)
+        finally:
+            stop_probe.set()
+            await probe
+            await load.aclose()
+        alive = [w.label for w in c.workers if w.alive]
+        api_alive = c.api is not None and c.api.alive
+    with (workdir / "api-calls.jsonl").open("w") as out:  # for a post-mortem
+        for x in load.calls:
+            out.write(json.dumps(dataclasses.asdict(x)) + "\n")
+    recs = read_records(c.record)
+    committed = await finished_at(url)
+    f = analyse(recs, planned, c.wire)
+    db = await db_state(url)
+    crash, promoted = at["crash"], at["promoted"]
+    stalled = at.get("stalled", crash)
+
+    sends_of: dict[str, list[Rec]] = defaultdict(list)
+    for r in recs:
+        if r.outcome == "sent" and r.key:
+            sends_of[r.key].append(r)
+    # A duplicate: the second 201 of a message. It is attributable to the failover's lost
+    # commits only where the first one was answered after the stall began (its claim or
+    # its outcome was committed on the old primary only) and the re-send came after the
+    # crash. Synchronous: no commit is lost, every outcome not committed at the crash is
+    # in its worker's memory and written after the failover, so none is allowed.
+    explained: list[str] = []
+    unexplained: list[str] = []
+    for key, rs in sends_of.items():
+        for first, again in itertools.pairwise(rs):
+            lost_commit = first.t_end >= stalled - STALL_SLACK_S and again.t >= crash
+            (explained if lost_commit and not cfg.synchronous else unexplained).append(
+                f"{key} (201 at {first.t_end - crash:+.2f} s, again at {again.t - crash:+.2f} s)"
+            )
+    rows = guarantee_rows(
+        f,
+        db,
+        duplicates_allowed=len(explained),
+        duplicates_target="0"
+        if cfg.synchronous
+        else "only messages whose claim or outcome was committed after the stall",
+    )
+    if not cfg.synchronous:
+        # Enqueues answered 202 after the stall began never reached the standby.
+        lost_enqueues = [k for k in f.lost if load.accepted_at.get(k, 0) >= stalled - STALL_SLACK_S]
+        other = [k for k in f.lost if k not in lost_enqueues]
+        for i, r in enumerate(rows):
+            if r.figure == "lost":
+                rows[i] = Row(
+                    "lost (never delivered)",
+                    f"{len(f.lost)}: {len(lost_enqueues)} accepted (202) after the stall "
+                    f"began, {len(other)} others",
+                    "only enqueues committed after the stall",
+                    not other,
+                )
+        rows.insert(
+            0,
+            Row(
+                "link to the standby stalled before the crash (never replicated)",
+                f"{crash - stalled:.2f} s ({pair.relay.dropped if pair.relay else 0} bytes "
+                "of WAL dropped)",
+            ),
+        )
+    check(
+        rows,
+        "duplicates not explained"
+        + (" (synchronous: none is)" if cfg.synchronous else " by commits lost in the stall"),
+        len(unexplained),
+        "0",
+        not unexplained,
+    )
+    for line in [*explained, *unexplained][:10]:
+        rows.append(Row("  duplicate", line))
+    rows.insert(0, Row("replication", f"{'synchronous' if cfg.synchronous else 'asynchronous'}"))
+    rows.insert(
+        1,
+        Row(
+            "primary stopped (pg_ctl -m immediate) → standby promoted",
+            f"{promoted - crash:.2f} s (promotion asked {cfg.promote_after:g} s after the "
+            "crash; writes taken from when the new primary's walwriter started)",
+        ),
+    )
+    in_flight = [r for r in recs if r.t <= crash <= r.t_end]
+    rows.insert(2, Row("provider requests in flight at the crash", str(len(in_flight))))
+    rows.insert(
+        3,
+        Row(
+            f"{slow_label} paused (SIGSTOP) from the crash until after the promotion",
+            f"{at['resumed'] - promoted:.2f} s after it",
+        ),
+    )
+    # Held in their workers' memory through the failover and written on the new primary.
+    answered_before = [
+        k
+        for k, rs in sends_of.items()
+        if rs[0].t_end <= crash and len(rs) == 1 and committed.get(k, 0) > crash
+    ]
+    rows.insert(
+        4,
+        Row(
+            "answered 201 before the crash, outcome committed after it (on the new "
+            "primary, by its worker; not sent again)",
+            str(len(answered_before)),
+        ),
+    )
+    retaken = log_counts(c, "lock connection re-established: ")
+    rows.insert(5, Row("conversation locks taken back by their workers", str(retaken)))
+    rescued = log_counts(c, "rescued ")
+    rows.insert(6, Row("jobs rescued (re-queued by a rescuer)", str(rescued)))
+    after = sorted(r.t for r in recs if r.t >= promoted)
+    first_send = (after[0] - crash) if after else math.inf
+    check(
+        rows,
+        "crash → first send on the new primary (s)",
+        first_send,
+        f"≤ {cfg.first_send_target:g} s (asserted ≤ {cfg.first_send_bound:g} s)",
+        first_send <= cfg.first_send_bound,
+        ".2f",
+    )
+    if after:
+        rows.append(
+            Row(
+                "of which: promotion (writes taken) → first send",
+                f"{after[0] - promoted:.2f} s",
+            )
+        )
+    check(
+        rows,
+        "workers alive afterwards (none restarted)",
+        f"{len(alive)} of {cfg.workers}",
+        "all",
+        len(alive) == cfg.workers,
+    )
+    check(rows, "API process alive afterwards", "yes" if api_alive else "no", "yes", api_alive)
+    codes = c.exit_codes()
+    check(
+        rows,
+        "workers exiting 0 on SIGTERM afterwards",
+        f"{sum(1 for v in codes.values() if v == 0)} of {len(codes)}",
+        "all",
+        all(v == 0 for v in codes.values()),
+    )
+    rows += api_rows(load.calls)
+    between = [
+        x
+        for x in load.calls
+        if x.path == "/api/whatsapp/send" and at["down"] <= x.at and x.at + x.latency <= promoted
+    ]
+    rows.append(
+        Row(
+            "send answers between the crash (primary gone) and the promotion",
+            ", ".join(
+                f"{k}: {v}" for k, v in sorted(Counter(str(x.status) for x in between).items())
+            )
+            or "none",
+        )
+    )
+    accepted_after = [x.at + x.latency for x in load.calls if x.status == 202 and x.at >= promoted]
+    if accepted_after:
+        rows.append(
+            Row("first 202 after the promotion", f"{min(accepted_after) - promoted:.2f} s later")
+        )
+    rows.append(Row("tracebacks in the processes' logs", str(c.log_tracebacks())))
+    rows += rss_rows(c)
+    mode = "synchronous" if cfg.synchronous else "asynchronous"
+    how = (
+        f"{cfg.workload.messages} messages across {cfg.workload.tenants} tenants x "
+        f"{cfg.workload.conversations} conversations posted through the API (bursts of "
+        f"{cfg.burst} every {cfg.burst_every:g} s, one request at a time per conversation, "
+        f"retrying 503s after Retry-After with the same idempotency key); {cfg.workers} "
+        f"workers; the API and the workers on a multi-host URL (primary, standby; "
+        f"target_session_attrs=read-write). The scenario's own primary and {mode} "
+        f"standby (pg_basebackup -R); {cfg.down_at:g} s in (and at least "
+        f"{cfg.grace:g} s after the standby started), the primary is stopped with "
+        f"`pg_ctl -m immediate` and {cfg.promote_after:g} s later the standby is promoted "
+        "(`pg_ctl promote`); no process is restarted."
+    )
+    if not cfg.synchronous:
+        how += (
+            f" The standby is fed through a relay that stalls {cfg.lag:g} s before the "
+            "crash (a lagging link): whatever the primary committed in that second never "
+            "reaches the standby, and is what this run loses."
+        )
+    return Result(
+        "failover" if cfg.synchronous else "failover-async",
+        f"primary failover, {mode} standby",
+        how,
         f,
         db,
         rows,
