@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import queries
 from pgqueue.config import Settings
+from pgqueue.credentials import Keyring
 from pgqueue.db import connect, connection_lost, make_pool, resolve_database_url, shares_sessions
 from pgqueue.dispatcher import Dispatcher, DispatcherConfig
 from pgqueue.errors import PgQueueError, exit_code, first_line
@@ -31,6 +32,7 @@ from pgqueue.logs import setup_logging
 from pgqueue.maintenance import Maintenance, Rescuer
 from pgqueue.providers import Provider
 from pgqueue.providers.default import default_provider
+from pgqueue.webhooks import WebhookConfig, Webhooks
 
 log = logging.getLogger("pgqueue.worker")
 
@@ -86,8 +88,10 @@ class Worker:
         rescue_grace_s: float = 10.0,
         maintenance_interval_s: float = 30.0,
         config: DispatcherConfig | None = None,
+        webhook_config: WebhookConfig | None = None,
     ) -> None:
         self.settings = settings
+        self.webhook_config = webhook_config
         self.url = url
         self.config = config or DispatcherConfig(
             queue=settings.queue_name,
@@ -106,7 +110,7 @@ class Worker:
 
     async def run(self) -> int:
         pool = make_pool(
-            self.url, min_size=1, max_size=3, application_name=self.config.application_name
+            self.url, min_size=1, max_size=4, application_name=self.config.application_name
         )
         # The pool is closed on every path: a pool left open while asyncio shuts down
         # keeps reconnecting and the process never exits (psycopg_pool 3.3).
@@ -179,6 +183,12 @@ class Worker:
         maintenance = Maintenance(
             pool, dispatcher, queue=cfg.queue, interval_s=self.maintenance_interval_s
         )
+        webhooks = Webhooks(
+            pool,
+            worker_id=cfg.worker_id,
+            keyring=Keyring(self.settings.secret_keys),
+            config=self.webhook_config,
+        )
         background = [
             asyncio.create_task(
                 listen(
@@ -193,6 +203,7 @@ class Worker:
             asyncio.create_task(rescuer.run(self.stop)),
             asyncio.create_task(maintenance.run(self.stop)),
             asyncio.create_task(self._heartbeat(pool, dispatcher)),
+            asyncio.create_task(webhooks.run(self.stop)),
         ]
         try:
             await dispatcher.run(self.stop)
@@ -211,6 +222,7 @@ class Worker:
                     await queries.execute(conn, "unregister_worker", {"id": cfg.worker_id})
             await dispatcher.close()
             await provider.aclose()
+            await webhooks.aclose()
             log.info(
                 "worker %s stopped: %d completed, %d retried, %d failed",
                 cfg.worker_id,
