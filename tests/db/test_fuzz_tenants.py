@@ -241,9 +241,18 @@ def _two_tenant_machine(schema: Any, ledger: Ledger) -> Any:
             self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any
         ) -> None:
             ledger.statuses[f"{case.operation.label} {response.status_code}"] += 1
+            checks = [*CHECKS, check]
+            meta = case.meta
+            if meta is not None and any(
+                location == "header" and info.mode.is_negative
+                for location, info in meta.components.items()
+            ):
+                # get_call_kwargs puts a valid token on every request, which undoes a
+                # header made invalid on purpose: the request is no longer negative.
+                checks.remove(openapi_checks.negative_data_rejection)
             case.validate_response(
                 response,
-                checks=[*CHECKS, check],
+                checks=checks,
                 headers=kwargs.get("headers"),
                 transport_kwargs=kwargs or None,
                 recorder=self.recorder,
@@ -260,7 +269,12 @@ def _two_tenant_machine(schema: Any, ledger: Ledger) -> Any:
 def two_tenant_schema(db_url: str) -> Iterator[Any]:
     _add_tenants(db_url)
     try:
-        yield schemathesis.openapi.from_asgi("/openapi.json", _app(db_url))
+        schema = schemathesis.openapi.from_asgi("/openapi.json", _app(db_url))
+        # The feed's answers list the jobs every earlier example made (the database is not
+        # reset between examples), and links drawn from them make the machine's rule
+        # choices depend on that history, which Hypothesis refuses (FlakyStrategyDefinition).
+        # A tenant's feed is its own: tests/db/test_events.py checks that instead.
+        yield schema.exclude(path_regex="^/api/(events|webhook)")
     finally:
         shutdown_lifespans()
 
