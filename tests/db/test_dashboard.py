@@ -17,10 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
+from pgqueue import admin
 from pgqueue.config import Settings
+from pgqueue.credentials import Keyring
 from pgqueue.dashboard import link_key, signed_query
 from pgqueue.db import as_url
 from pgqueue.models import Message
+from pgqueue.server import free_port
+from pgqueue.webhooks import Webhooks
 from tests.support.helpers import (
     REPO,
     add_tenants,
@@ -84,7 +88,9 @@ async def test_signed_link_is_required(api: str) -> None:
     not shutil.which(CHROMIUM),
     reason="Debian's chromium is not installed (apt-get install chromium)",
 )
-async def test_dashboard_in_a_browser(api: str, db_url: str, conn: Any, tmp_path: Path) -> None:
+async def test_dashboard_in_a_browser(
+    api: str, db_url: str, conn: Any, pool: Any, tmp_path: Path
+) -> None:
     from playwright.async_api import async_playwright
 
     await add_tenants(conn, 2)
@@ -97,9 +103,16 @@ async def test_dashboard_in_a_browser(api: str, db_url: str, conn: Any, tmp_path
     )
     async with running_worker(db_url, tmp_path / "r.jsonl"):
         await wait_until_drained(conn, 20)
+    # An endpoint nobody listens on: its refusal shows in the webhooks table.
+    await admin.set_tenant(conn, "t1", webhook_url=f"http://127.0.0.1:{free_port()}/hook")
     await send_many(
         conn, [Message(tenant_id="t1", phone_number=phone(i), text="later") for i in range(3)]
     )
+    hooks = Webhooks(pool, worker_id="dashboard-test", keyring=Keyring(()))
+    try:
+        assert await hooks.run_once() == 1 and hooks.failed == 1
+    finally:
+        await hooks.aclose()
     async with httpx.AsyncClient(
         base_url=api, headers={"Authorization": f"Bearer {ADMIN}"}
     ) as client:
@@ -128,6 +141,10 @@ async def test_dashboard_in_a_browser(api: str, db_url: str, conn: Any, tmp_path
             row = page.locator("tr[data-job]")
             assert await row.count() == 1
             assert "21211" in await row.inner_text()
+            hook = page.locator('tr[data-webhook="t1"]')
+            assert await hook.count() == 1
+            failing = int((await hook.locator("td").nth(2).inner_text()).strip())
+            assert failing >= 1, "the refused webhook does not show as failing"
             await page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             shutil.copy(tmp_path / "dashboard.png", REPO / "docs" / "dashboard.png")
             await row.locator("button").click()
