@@ -5,6 +5,7 @@ port of its own in front of the test server) is the pooler."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -12,7 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,29 @@ from tests.support.helpers import add_tenants, phone
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
 
-def _bouncer(db_url: str, workdir: Path, mode: str) -> Iterator[str]:
+@dataclass
+class Bouncer:
+    argv: list[str]
+    url: str
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = _launch(self.argv, self.url, self.workdir)
+
+    def stop(self, sig: signal.Signals = signal.SIGINT) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _bouncer(db_url: str, workdir: Path, mode: str) -> Iterator[Bouncer]:
     if not Path(PGBOUNCER).exists():
         pytest.skip("pgbouncer is not installed (.ci/run installs Debian's)")
     info = psycopg.conninfo.conninfo_to_dict(db_url)
@@ -67,9 +92,19 @@ pidfile = {workdir / "pgbouncer.pid"}
             path.chmod(0o666)
         if host.startswith("/"):
             Path(host).chmod(0o711)
-    with (workdir / "stderr.log").open("wb") as err:
+    bouncer = Bouncer(argv, f"postgresql://{user}@127.0.0.1:{listen}/{dbname}", workdir)
+    bouncer.start()
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+
+
+def _launch(argv: list[str], url: str, workdir: Path) -> subprocess.Popen[bytes]:
+    """PgBouncer started with `argv`, once it answers on `url`."""
+    ini = Path(argv[-1])
+    with (workdir / "stderr.log").open("ab") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
-    url = f"postgresql://{user}@127.0.0.1:{listen}/{dbname}"
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -83,27 +118,26 @@ pidfile = {workdir / "pgbouncer.pid"}
                 err = (workdir / "stderr.log").read_text()
                 raise AssertionError(f"pgbouncer did not start: {err}\n{log}") from None
             time.sleep(0.1)
-    try:
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return proc
 
 
 @pytest.fixture
-def transaction_pooled(db_url: str) -> Iterator[str]:
+def transaction_bouncer(db_url: str) -> Iterator[Bouncer]:
     yield from _bouncer_in_tmp(db_url, "transaction")
 
 
 @pytest.fixture
+def transaction_pooled(transaction_bouncer: Bouncer) -> str:
+    return transaction_bouncer.url
+
+
+@pytest.fixture
 def session_pooled(db_url: str) -> Iterator[str]:
-    yield from _bouncer_in_tmp(db_url, "session")
+    for bouncer in _bouncer_in_tmp(db_url, "session"):
+        yield bouncer.url
 
 
-def _bouncer_in_tmp(db_url: str, mode: str) -> Iterator[str]:
+def _bouncer_in_tmp(db_url: str, mode: str) -> Iterator[Bouncer]:
     # Not pytest's tmp_path: its parents are private to the user, and PgBouncer run as
     # nobody (under root) could not reach its own files there.
     workdir = Path(tempfile.mkdtemp(prefix=f"pgqueue-pgbouncer-{mode}-"))
@@ -179,3 +213,57 @@ async def test_the_api_works_through_transaction_pooling(
         assert job.status_code == 200 and job.json()["state"] == "waiting"
         metrics = await client.get("/api/queue/metrics", headers=auth)
         assert metrics.status_code == 200 and metrics.json()["waiting"] == 30
+
+
+async def test_the_api_answers_only_503s_while_the_pooler_restarts(
+    db_url: str, conn: Any, transaction_bouncer: Bouncer
+) -> None:
+    """Through transaction pooling, PgBouncer stopped at once and started again on the
+    same port mid-load: the API answers 202 or 503 with Retry-After, never another error
+    or a hang, and comes back by itself. Each message is sent until it is queued, with
+    its idempotency key, so exactly one job exists per message."""
+    await add_tenants(conn, 1)
+    token = await admin.create_token(conn, "t0")
+    auth = {"Authorization": f"Bearer {token}"}
+    pool = make_pool(transaction_bouncer.url, min_size=2, max_size=4)
+    app = create_app(
+        Settings(admin_token="admin-token-for-pooler-tests-0123"), pool, db_timeout_s=1.0
+    )
+    statuses: Counter[int] = Counter()
+    missing_retry_after = 0
+    messages = 60
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=15
+        ) as client,
+    ):
+
+        async def load() -> None:
+            nonlocal missing_retry_after
+            for i in range(messages):
+                while True:
+                    r = await client.post(
+                        "/api/whatsapp/send",
+                        json={"phoneNumber": phone(i % 5), "text": f"m{i}"},
+                        headers={**auth, "Idempotency-Key": f"restart-{i}"},
+                    )
+                    statuses[r.status_code] += 1
+                    if r.status_code == 503:
+                        missing_retry_after += "retry-after" not in r.headers
+                        await asyncio.sleep(0.05)
+                        continue
+                    break
+                await asyncio.sleep(0.03)
+
+        sending = asyncio.create_task(load())
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(transaction_bouncer.stop, signal.SIGTERM)
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(transaction_bouncer.start)
+        await asyncio.wait_for(sending, 60)
+    assert set(statuses) <= {202, 503}, statuses
+    assert statuses[202] == messages and statuses[503] >= 1, statuses
+    assert missing_retry_after == 0
+    cur = await conn.execute("SELECT count(*) AS n FROM pgqueue.jobs")
+    assert (await cur.fetchone())["n"] == messages
