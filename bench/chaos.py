@@ -4,7 +4,7 @@ table printed as it finishes and all of them written to docs/reliability.md.
     .venv/bin/python bench/chaos.py [--scenario NAME ...] [--scale F] [--brownout-s S]
         [--downtime-s S] [--kill-every LO:HI] [--out docs/reliability.md] [--workdir DIR]
 
-Scenarios (default: all seven, in this order), with their full sizes:
+Scenarios (default: all eight, in this order), with their full sizes:
 
 1. kill: 1,500 messages across 20 tenants x 15 conversations, 4 workers, a random worker
    SIGKILLed every 2-4 s (`--kill-every`) and replaced at once;
@@ -22,7 +22,10 @@ Scenarios (default: all seven, in this order), with their full sizes:
    standby) is stopped with `pg_ctl -m immediate` and the standby promoted 1 s later;
    one worker reaches the new primary 3 s after the others;
 7. failover-async: the same with an asynchronous standby whose link stalls for the
-   last second before the crash: what it loses, and that nothing else breaks.
+   last second before the crash: what it loses, and that nothing else breaks;
+8. pooler: 800 messages posted through the API, whose DATABASE_URL is PgBouncer in
+   transaction mode (the workers' PGQUEUE_WORKER_DATABASE_URL is direct), while
+   PgBouncer is stopped at once and started again 2 s later.
 
 `--scale F` multiplies every scenario's message count (tenants and conversations stay).
 All scenarios run on PostgreSQL servers this script starts in temporary directories and
@@ -59,6 +62,7 @@ from tests.support.harness import (  # noqa: E402
     FailoverConfig,
     KillConfig,
     OverloadConfig,
+    PoolerConfig,
     PrivateServer,
     RestartConfig,
     Result,
@@ -68,10 +72,20 @@ from tests.support.harness import (  # noqa: E402
     scenario_failover,
     scenario_kill,
     scenario_overload,
+    scenario_pooler,
     scenario_restart,
 )
 
-SCENARIOS = ("kill", "restart", "brownout", "overload", "deploy", "failover", "failover-async")
+SCENARIOS = (
+    "kill",
+    "restart",
+    "brownout",
+    "overload",
+    "deploy",
+    "failover",
+    "failover-async",
+    "pooler",
+)
 
 
 # What the failover-async section's figures mean, written after it.
@@ -127,6 +141,11 @@ def configs(args: argparse.Namespace) -> dict[str, Any]:
             burst=max(1, min(overload.burst, round(overload.workload.messages * args.scale))),
         ),
         "deploy": dataclasses.replace(deploy, workload=deploy.workload.scaled(args.scale)),
+        "pooler": dataclasses.replace(
+            PoolerConfig(),
+            workload=PoolerConfig().workload.scaled(args.scale),
+            burst=max(1, round(PoolerConfig().burst * args.scale)),
+        ),
     }
     for name, synchronous in (("failover", True), ("failover-async", False)):
         failover = FailoverConfig(synchronous=synchronous)
@@ -165,6 +184,7 @@ async def run_one(name: str, cfg: Any, workdir: Path, shared: PrivateServer) -> 
         "brownout": scenario_brownout,
         "overload": scenario_overload,
         "deploy": scenario_deploy,
+        "pooler": scenario_pooler,
     }
     return await runners[name](url, scenario_dir, cfg)
 

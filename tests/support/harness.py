@@ -63,6 +63,7 @@ from pgqueue.models import Message
 from pgqueue.providers import WIRE_LATE_LOG_S
 from pgqueue.server import free_port
 from tests.support.kernel_stamps import Capture, KernelStamps, KernelStampsUnavailable
+from tests.support.pooler import bouncer_in_tmp
 from tests.support.replication import ReplicationPair
 
 REPO = Path(__file__).resolve().parents[2]
@@ -1501,6 +1502,100 @@ async def scenario_restart(server: PrivateServer, workdir: Path, cfg: RestartCon
         f"workers; {cfg.down_at:g} s in, the test's own embedded PostgreSQL is stopped "
         f"(pg_ctl -m fast) for {cfg.down_for:g} s and started again; /readyz probed every "
         "0.25 s.",
+        f,
+        db,
+        rows,
+        time.monotonic() - started,
+    )
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    workload: Workload = Workload(10, 10, 800)
+    workers: int = 2
+    burst: int = 80
+    burst_every: float = 1.0
+    down_at: float = 3.0  # seconds after the first burst
+    down_for: float = 2.0
+    latency: str = "0.1:0.3"
+    timeout: float = 240.0
+
+
+async def scenario_pooler(url: str, workdir: Path, cfg: PoolerConfig) -> Result:
+    """7. The API through PgBouncer in transaction mode (the workers on a direct URL, as
+    they must be: PGQUEUE_WORKER_DATABASE_URL), and PgBouncer stopped at once and started
+    again mid-run."""
+    started = time.monotonic()
+    planned = plan(cfg.workload)
+    tokens = await add_tenants(url, cfg.workload.tenants)
+    window: list[float] = []  # stopped, started again
+    with contextlib.ExitStack() as stack:
+        bouncers = bouncer_in_tmp(url, "transaction")
+        bouncer = next(bouncers)
+        stack.callback(lambda: next(bouncers, None))
+        env = {"DATABASE_URL": bouncer.url, "PGQUEUE_WORKER_DATABASE_URL": child_url(url)}
+        async with cluster(
+            workdir, url, workers=cfg.workers, api=True, latency=cfg.latency, env=env
+        ) as c:
+            load = ApiLoad(c.api_url, tokens)
+
+            async def traffic() -> None:
+                for i in range(0, len(planned), cfg.burst):
+                    t0 = time.monotonic()
+                    await load.burst(planned[i : i + cfg.burst])
+                    await asyncio.sleep(max(0.0, cfg.burst_every - (time.monotonic() - t0)))
+
+            async def fault() -> None:
+                await asyncio.sleep(cfg.down_at)
+                await asyncio.to_thread(bouncer.stop, signal.SIGTERM)
+                window.append(time.time())
+                await asyncio.sleep(cfg.down_for)
+                await asyncio.to_thread(bouncer.start)
+                window.append(time.time())
+
+            try:
+                await asyncio.gather(traffic(), fault())
+                await wait_drained(url, len(planned), cfg.timeout)
+            finally:
+                await load.aclose()
+            alive = [w.label for w in c.workers if w.alive]
+            api_alive = c.api is not None and c.api.alive
+    recs = read_records(c.record)
+    f = analyse(recs, planned, c.wire)
+    db = await db_state(url)
+    rows = guarantee_rows(f, db)
+    down, up = window
+    rows.insert(0, Row("PgBouncer down (SIGTERM → started again)", f"{up - down:.1f} s"))
+    check(rows, "workers alive", f"{len(alive)} of {cfg.workers}", "all", len(alive) == cfg.workers)
+    check(rows, "API process alive", "yes" if api_alive else "no", "yes", api_alive)
+    rows += api_rows(load.calls)
+    statuses = Counter(x.status for x in load.calls)
+    others = {k: v for k, v in statuses.items() if k not in (202, 503)}
+    check(
+        rows,
+        "API answers other than 202 and 503 (with Retry-After)",
+        ", ".join(f"{k}: {v}" for k, v in sorted(others.items(), key=str)) or "none",
+        "none",
+        not others and all(x.retry_after for x in load.calls if x.status == 503),
+    )
+    rows.append(Row("503s while the pooler restarted", str(statuses.get(503, 0))))
+    accepted_after = [x.at + x.latency for x in load.calls if x.status == 202 and x.at >= up]
+    if accepted_after:
+        rows.append(
+            Row("first 202 after the pooler was back", f"{min(accepted_after) - up:.2f} s later")
+        )
+    rows.append(Row("tracebacks in the processes' logs", str(c.log_tracebacks())))
+    rows += rss_rows(c)
+    return Result(
+        "pooler",
+        "the API through PgBouncer (transaction pooling), restarted mid-run",
+        f"{cfg.workload.messages} messages across {cfg.workload.tenants} tenants x "
+        f"{cfg.workload.conversations} conversations posted through the API (bursts of "
+        f"{cfg.burst} every {cfg.burst_every:g} s, retrying 503s after Retry-After with the "
+        f"same idempotency key); the API's DATABASE_URL is Debian's PgBouncer in transaction "
+        f"mode, the {cfg.workers} workers' PGQUEUE_WORKER_DATABASE_URL the server itself; "
+        f"{cfg.down_at:g} s in, PgBouncer is stopped at once (SIGTERM) and started again on "
+        f"its port {cfg.down_for:g} s later.",
         f,
         db,
         rows,
