@@ -428,6 +428,13 @@ class ApiLoad:
                 await asyncio.wait_for(stop.wait(), max(0.0, every - (time.monotonic() - t0)))
         return posted
 
+    async def bursts(self, messages: Sequence[Planned], size: int, every: float) -> None:
+        """`size` messages at once (`burst`) every `every` seconds, until all are posted."""
+        for i in range(0, len(messages), size):
+            t0 = time.monotonic()
+            await self.burst(messages[i : i + size])
+            await asyncio.sleep(max(0.0, every - (time.monotonic() - t0)))
+
     async def burst(self, messages: Sequence[Planned]) -> None:
         """All of them at once (bounded by `concurrency`); returns when all are accepted."""
         by_conv: dict[tuple[str, str], list[Planned]] = defaultdict(list)
@@ -1281,6 +1288,25 @@ def api_rows(calls: Sequence[ApiCall], *, path: str = "/api/whatsapp/send") -> l
     return rows
 
 
+def survivor_rows(
+    c: Cluster, workers: int, alive: list[str], api_alive: bool, when: str
+) -> list[Row]:
+    """Nobody restarted by hand: the workers and the API went through the fault alive,
+    and the workers still stop cleanly (exit 0 on SIGTERM) afterwards."""
+    rows: list[Row] = []
+    check(rows, f"workers alive {when}", f"{len(alive)} of {workers}", "all", len(alive) == workers)
+    check(rows, f"API process alive {when}", "yes" if api_alive else "no", "yes", api_alive)
+    codes = c.exit_codes()
+    check(
+        rows,
+        "workers exiting 0 on SIGTERM afterwards",
+        f"{sum(1 for v in codes.values() if v == 0)} of {len(codes)}",
+        "all",
+        all(v == 0 for v in codes.values()),
+    )
+    return rows
+
+
 # -- scenarios ---------------------------------------------------------------------------
 
 
@@ -1387,12 +1413,6 @@ async def scenario_restart(server: PrivateServer, workdir: Path, cfg: RestartCon
         stop_probe = asyncio.Event()
         probe = asyncio.create_task(load.probe("/readyz", stop_probe, every=0.25))
 
-        async def traffic() -> None:
-            for i in range(0, len(planned), cfg.burst):
-                t0 = time.monotonic()
-                await load.burst(planned[i : i + cfg.burst])
-                await asyncio.sleep(max(0.0, cfg.burst_every - (time.monotonic() - t0)))
-
         async def fault() -> None:
             await asyncio.sleep(cfg.down_at)
             window.append(time.time())
@@ -1401,7 +1421,7 @@ async def scenario_restart(server: PrivateServer, workdir: Path, cfg: RestartCon
             window.append(await asyncio.to_thread(server.start))
 
         try:
-            await asyncio.gather(traffic(), fault())
+            await asyncio.gather(load.bursts(planned, cfg.burst, cfg.burst_every), fault())
             await wait_drained(url, len(planned), cfg.timeout)
         finally:
             stop_probe.set()
@@ -1417,24 +1437,7 @@ async def scenario_restart(server: PrivateServer, workdir: Path, cfg: RestartCon
     rows.insert(0, Row("database down (fast shutdown → start)", f"{up - stopping:.1f} s"))
     cut_by_stop = [r for r in recs if r.t <= stopping <= r.t_end]
     rows.insert(1, Row("provider requests in flight when it stopped", str(len(cut_by_stop))))
-    check(
-        rows,
-        "workers alive after the restart",
-        f"{len(alive)} of {cfg.workers}",
-        "all",
-        len(alive) == cfg.workers,
-    )
-    check(
-        rows, "API process alive after the restart", "yes" if api_alive else "no", "yes", api_alive
-    )
-    codes = c.exit_codes()
-    check(
-        rows,
-        "workers exiting 0 on SIGTERM afterwards",
-        f"{sum(1 for v in codes.values() if v == 0)} of {len(codes)}",
-        "all",
-        all(v == 0 for v in codes.values()),
-    )
+    rows += survivor_rows(c, cfg.workers, alive, api_alive, "after the restart")
     rows += api_rows(load.calls)
     while_down = [x for x in load.calls if down <= x.at and x.at + x.latency <= up]
     sends_down = [x for x in while_down if x.path == "/api/whatsapp/send"]
@@ -1510,15 +1513,12 @@ async def scenario_restart(server: PrivateServer, workdir: Path, cfg: RestartCon
 
 
 @dataclass(frozen=True)
-class PoolerConfig:
+class PoolerConfig(RestartConfig):
     workload: Workload = Workload(10, 10, 800)
     workers: int = 2
     burst: int = 80
-    burst_every: float = 1.0
     down_at: float = 3.0  # seconds after the first burst
     down_for: float = 2.0
-    latency: str = "0.1:0.3"
-    timeout: float = 240.0
 
 
 async def scenario_pooler(url: str, workdir: Path, cfg: PoolerConfig) -> Result:
@@ -1539,12 +1539,6 @@ async def scenario_pooler(url: str, workdir: Path, cfg: PoolerConfig) -> Result:
         ) as c:
             load = ApiLoad(c.api_url, tokens)
 
-            async def traffic() -> None:
-                for i in range(0, len(planned), cfg.burst):
-                    t0 = time.monotonic()
-                    await load.burst(planned[i : i + cfg.burst])
-                    await asyncio.sleep(max(0.0, cfg.burst_every - (time.monotonic() - t0)))
-
             async def fault() -> None:
                 await asyncio.sleep(cfg.down_at)
                 await asyncio.to_thread(bouncer.stop, signal.SIGTERM)
@@ -1554,7 +1548,7 @@ async def scenario_pooler(url: str, workdir: Path, cfg: PoolerConfig) -> Result:
                 window.append(time.time())
 
             try:
-                await asyncio.gather(traffic(), fault())
+                await asyncio.gather(load.bursts(planned, cfg.burst, cfg.burst_every), fault())
                 await wait_drained(url, len(planned), cfg.timeout)
             finally:
                 await load.aclose()
@@ -1566,8 +1560,7 @@ async def scenario_pooler(url: str, workdir: Path, cfg: PoolerConfig) -> Result:
     rows = guarantee_rows(f, db)
     down, up = window
     rows.insert(0, Row("PgBouncer down (SIGTERM → started again)", f"{up - down:.1f} s"))
-    check(rows, "workers alive", f"{len(alive)} of {cfg.workers}", "all", len(alive) == cfg.workers)
-    check(rows, "API process alive", "yes" if api_alive else "no", "yes", api_alive)
+    rows += survivor_rows(c, cfg.workers, alive, api_alive, "after the pooler restarted")
     rows += api_rows(load.calls)
     statuses = Counter(x.status for x in load.calls)
     others = {k: v for k, v in statuses.items() if k not in (202, 503)}
@@ -2017,12 +2010,6 @@ async def _failover(
         slow = c.workers[-1]
         slow_label = slow.label
 
-        async def traffic() -> None:
-            for i in range(0, len(planned), cfg.burst):
-                t0 = time.monotonic()
-                await load.burst(planned[i : i + cfg.burst])
-                await asyncio.sleep(max(0.0, cfg.burst_every - (time.monotonic() - t0)))
-
         async def fault() -> None:
             stall = cfg.lag if pair.relay is not None else 0.0
             await asyncio.sleep(cfg.down_at - stall)
@@ -2041,7 +2028,7 @@ async def _failover(
             at["resumed"] = slow.send(signal.SIGCONT)
 
         try:
-            await asyncio.gather(traffic(), fault())
+            await asyncio.gather(load.bursts(planned, cfg.burst, cfg.burst_every), fault())
             # Asynchronous: enqueues committed after the stall are gone, so "drained" is
             # only "nothing live" there.
             expected = len(planned) if cfg.synchronous else 0
@@ -2171,22 +2158,7 @@ async def _failover(
                 f"{after[0] - promoted:.2f} s",
             )
         )
-    check(
-        rows,
-        "workers alive afterwards (none restarted)",
-        f"{len(alive)} of {cfg.workers}",
-        "all",
-        len(alive) == cfg.workers,
-    )
-    check(rows, "API process alive afterwards", "yes" if api_alive else "no", "yes", api_alive)
-    codes = c.exit_codes()
-    check(
-        rows,
-        "workers exiting 0 on SIGTERM afterwards",
-        f"{sum(1 for v in codes.values() if v == 0)} of {len(codes)}",
-        "all",
-        all(v == 0 for v in codes.values()),
-    )
+    rows += survivor_rows(c, cfg.workers, alive, api_alive, "afterwards (none restarted)")
     rows += api_rows(load.calls)
     between = [
         x
