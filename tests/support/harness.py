@@ -330,7 +330,11 @@ class ApiLoad:
         self.client = httpx.AsyncClient(
             base_url=base_url,
             timeout=API_TIMEOUT_S,
-            limits=httpx.Limits(max_connections=concurrency + 4),
+            # Idle connections are dropped before the server's keep-alive (5 s) closes
+            # them: with both at 5 s, a request sent on a connection the server was
+            # closing that instant failed with "Server disconnected" (a client's race,
+            # counted here as an API error), mostly after a Retry-After wait.
+            limits=httpx.Limits(max_connections=concurrency + 4, keepalive_expiry=2.0),
         )
 
     async def aclose(self) -> None:
