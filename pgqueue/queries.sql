@@ -1621,6 +1621,14 @@ SET attempts = w.attempts + 1,
 WHERE w.tenant_id = %(tenant_id)s AND w.leased_by = %(worker_id)s;
 
 
+-- name: webhook_release
+-- A worker that stops hands back its leases: the batches it was posting go to the next
+-- worker now instead of when the leases would have run out (at least once either way).
+UPDATE pgqueue.webhook_state
+SET leased_by = NULL, lease_until = NULL, updated_at = clock_timestamp()
+WHERE leased_by = %(worker_id)s;
+
+
 -- name: webhook_dead_letters
 -- Batches a tenant's endpoint kept refusing, newest first.
 SELECT d.id, d.tenant_id, d.events, d.attempts, d.last_error, d.failed_at

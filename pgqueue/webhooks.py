@@ -142,6 +142,13 @@ class Webhooks:
         return self._session
 
     async def aclose(self) -> None:
+        """Hands back this worker's leases (a post cut short is posted again by the next
+        worker, as at least once allows) and closes the HTTP session."""
+        try:
+            async with self.pool.connection(timeout=2.0) as conn:
+                await queries.execute(conn, "webhook_release", {"worker_id": self.worker_id})
+        except Exception as e:  # the database may be away: the leases then run out
+            log.debug("webhook leases not handed back: %s", e)
         session, self._session = self._session, None
         if session is not None:
             await session.close()

@@ -160,6 +160,14 @@ async def test_a_batch_the_endpoint_keeps_refusing_becomes_a_dead_letter(
         assert hooks.dead == 1 and ep.refused == 3
         # The cursor moved past it: nothing more is posted.
         assert await hooks.run_once() == 0
+        # A worker that stops hands its leases back at once.
+        await conn.execute(
+            "UPDATE pgqueue.webhook_state SET leased_by = 'test-worker', "
+            "lease_until = now() + interval '30 s'"
+        )
+        await hooks.aclose()
+        cur = await conn.execute("SELECT leased_by, lease_until FROM pgqueue.webhook_state")
+        assert await cur.fetchall() == [{"leased_by": None, "lease_until": None}]
         async with serving(db_url, tmp_path) as (http, _, _):
             auth = {"Authorization": f"Bearer {ADMIN}"}
             answer = await http.get(
