@@ -16,15 +16,14 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import typing
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
 from pgqueue import queries
 from pgqueue.errors import ValidationError
-from pgqueue.models import EventKind
 
-KINDS = typing.get_args(EventKind)
 MAX_LIMIT = 1000
 MAX_WAIT_S = 30.0
 # How often a long poll looks again: an index probe each time, and events are held back
@@ -58,12 +57,6 @@ def parse_cursor(text: str | None) -> Cursor:
     return Cursor(int(match[1]), int(match[2]))
 
 
-def parse_limit(value: int, *, field: str = "limit") -> int:
-    if isinstance(value, bool) or not 1 <= value <= MAX_LIMIT:
-        raise ValidationError(f"{field} must be from 1 to {MAX_LIMIT}", field=field)
-    return value
-
-
 def as_json(row: queries.Row) -> dict[str, Any]:
     """An event as the feed and webhooks show it (camelCase, ISO times, no empty fields)."""
     event: dict[str, Any] = {
@@ -85,24 +78,32 @@ def as_json(row: queries.Row) -> dict[str, Any]:
 
 
 async def read(
-    conn: queries.Conn, tenant_id: str, after: Cursor, *, limit: int = 100, wait_s: float = 0.0
+    conn: queries.Conn, tenant_id: str, after: Cursor, *, limit: int = 100
 ) -> list[queries.Row]:
-    """The tenant's events after `after`, oldest first; with `wait_s`, waits up to that
-    long for the first one to be readable (a long poll)."""
-    deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
+    """The tenant's events after `after`, oldest first."""
     params = {"tenant_id": tenant_id, "tx": after.tx, "id": after.id, "limit": limit}
+    return await queries.fetch_all(conn, "events_after", params)
+
+
+async def wait_for(
+    db: Callable[[], AbstractAsyncContextManager[queries.Conn]],
+    tenant_id: str,
+    after: Cursor,
+    *,
+    limit: int,
+    wait_s: float,
+) -> list[queries.Row]:
+    """`read`, again until an event is readable or `wait_s` (at most MAX_WAIT_S) has
+    passed: a long poll. Each look takes a connection from `db` and gives it back, so a
+    waiting reader holds none."""
+    deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_WAIT_S)
     while True:
-        rows = await queries.fetch_all(conn, "events_after", params)
+        async with db() as conn:
+            rows = await read(conn, tenant_id, after, limit=limit)
         left = deadline - time.monotonic()
         if rows or left <= 0:
             return rows
         await asyncio.sleep(min(POLL_S, left))
-
-
-async def tail(conn: queries.Conn, tenant_id: str) -> Cursor:
-    """The cursor after the tenant's latest readable event."""
-    row = await queries.fetch_one(conn, "events_tail", {"tenant_id": tenant_id})
-    return START if row is None else Cursor(row["tx"], row["id"])
 
 
 def next_cursor(rows: list[queries.Row], after: Cursor) -> Cursor:

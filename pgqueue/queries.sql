@@ -445,7 +445,8 @@ WITH input AS (
     USING mine m
     WHERE j.id = m.id AND m.outcome IN ('completed', 'failed', 'expired')
     RETURNING j.*, m.outcome, m.code AS new_code, m.message AS new_message,
-              m.sid AS new_sid, m.status AS new_status, m.channel AS new_channel
+              m.sid AS new_sid, m.status AS new_status, m.channel AS new_channel,
+              pgqueue.event_tx(j.event_tx) AS next_event_tx
 ), history AS (
     INSERT INTO pgqueue.job_history (
         id, seq, queue, tenant_id, conversation, priority, run_at, to_number, from_number,
@@ -459,7 +460,7 @@ WITH input AS (
            coalesce(f.new_message, f.last_error_message),
            coalesce(f.new_sid, f.provider_sid), coalesce(f.new_status, f.provider_status),
            coalesce(f.new_channel, f.channel), created_at, started_at, expires_at, f.outcome,
-           clock_timestamp(), pgqueue.event_tx(f.event_tx)
+           clock_timestamp(), f.next_event_tx
     FROM finished f
 ), requeued AS (
     UPDATE pgqueue.jobs j
@@ -478,7 +479,7 @@ WITH input AS (
     -- attempt was not spent), in the order of the rows locked above.
     INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, attempt, sid, code,
                                 message, run_at)
-    SELECT pgqueue.event_tx(f.event_tx), f.tenant_id, %(queue)s, f.id,
+    SELECT f.next_event_tx, f.tenant_id, %(queue)s, f.id,
            CASE f.outcome WHEN 'completed' THEN 'sent' ELSE f.outcome END, f.attempts,
            coalesce(f.new_sid, f.provider_sid), f.new_code, f.new_message, NULL
     FROM finished f
@@ -529,7 +530,7 @@ WITH due AS (
 ), gone AS (
     DELETE FROM pgqueue.jobs j USING due d
     WHERE j.id = d.id AND j.state <> 'active'
-    RETURNING j.*
+    RETURNING j.*, pgqueue.event_tx(j.event_tx) AS next_event_tx
 ), history AS (
     INSERT INTO pgqueue.job_history (
         id, seq, queue, tenant_id, conversation, priority, run_at, to_number, from_number,
@@ -541,11 +542,11 @@ WITH due AS (
            idempotency_key, attempts, max_attempts, 'expired',
            'not sent: its deadline passed first', provider_sid, provider_status, channel,
            created_at, started_at, expires_at, 'expired', clock_timestamp(),
-           pgqueue.event_tx(event_tx)
+           next_event_tx
     FROM gone
 ), event AS (
     INSERT INTO pgqueue.events (tx, tenant_id, queue, job_id, kind, attempt, code, message)
-    SELECT pgqueue.event_tx(event_tx), tenant_id, queue, id, 'expired', attempts, 'expired',
+    SELECT next_event_tx, tenant_id, queue, id, 'expired', attempts, 'expired',
            'not sent: its deadline passed first'
     FROM gone
 ), totals AS (
@@ -1551,14 +1552,6 @@ WHERE e.tenant_id = %(tenant_id)s AND (e.tx, e.id) > (%(tx)s::bigint, %(id)s::bi
   AND e.tx < pgqueue.events_horizon()
 ORDER BY e.tx, e.id
 LIMIT %(limit)s;
-
-
--- name: events_tail
--- The cursor of a tenant's latest readable event (to follow only what comes next).
-SELECT tx, id FROM pgqueue.events
-WHERE tenant_id = %(tenant_id)s AND tx < pgqueue.events_horizon()
-ORDER BY tx DESC, id DESC
-LIMIT 1;
 
 
 -- name: job_events

@@ -535,8 +535,7 @@ class Api:
         return tenant_id
 
     async def events_feed(self, request: Request) -> Response:
-        """The tenant's events after `after`; with `wait`, a long poll. Between looks no
-        connection is held, so waiting readers cost the pool nothing."""
+        """The tenant's events after `after`; with `wait`, a long poll."""
         tenant_id = await self._one_tenant(request)
         after = events.parse_cursor(request.query_params.get("after"))
         limit = int(
@@ -545,14 +544,9 @@ class Api:
             )
         )
         wait_s = number_parameter(request, "wait", default=0, low=0, high=events.MAX_WAIT_S)
-        deadline = time.monotonic() + min(wait_s, self.request_timeout_s - 5.0)
-        while True:
-            async with self.db() as conn:
-                rows = await events.read(conn, tenant_id, after, limit=limit)
-            left = deadline - time.monotonic()
-            if rows or left <= 0:
-                break
-            await asyncio.sleep(min(events.POLL_S, left))
+        rows = await events.wait_for(
+            self.db, tenant_id, after, limit=limit, wait_s=min(wait_s, self.request_timeout_s - 5.0)
+        )
         page = EventPage.of([events.as_json(r) for r in rows], str(events.next_cursor(rows, after)))
         return JSONResponse(json_body(page))
 
