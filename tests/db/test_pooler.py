@@ -26,16 +26,17 @@ from tests.support.helpers import add_tenants, phone
 from tests.support.pooler import Bouncer, Missing, bouncer_in_tmp
 
 
-def _bouncer_in_tmp(db_url: str, mode: str) -> Iterator[Bouncer]:
+def _pgbouncer(db_url: str, mode: str) -> Iterator[Bouncer]:
     try:
-        yield from bouncer_in_tmp(db_url, mode)
+        with bouncer_in_tmp(db_url, mode) as started:
+            yield started
     except Missing as e:
         pytest.skip(str(e))
 
 
 @pytest.fixture
 def transaction_bouncer(db_url: str) -> Iterator[Bouncer]:
-    yield from _bouncer_in_tmp(db_url, "transaction")
+    yield from _pgbouncer(db_url, "transaction")
 
 
 @pytest.fixture
@@ -44,9 +45,13 @@ def transaction_pooled(transaction_bouncer: Bouncer) -> str:
 
 
 @pytest.fixture
-def session_pooled(db_url: str) -> Iterator[str]:
-    for bouncer in _bouncer_in_tmp(db_url, "session"):
-        yield bouncer.url
+def session_bouncer(db_url: str) -> Iterator[Bouncer]:
+    yield from _pgbouncer(db_url, "session")
+
+
+@pytest.fixture
+def session_pooled(session_bouncer: Bouncer) -> str:
+    return session_bouncer.url
 
 
 async def test_sessions_are_seen_shared_only_through_transaction_pooling(

@@ -1533,10 +1533,7 @@ async def scenario_pooler(url: str, workdir: Path, cfg: PoolerConfig) -> Result:
     planned = plan(cfg.workload)
     tokens = await add_tenants(url, cfg.workload.tenants)
     window: list[float] = []  # stopped, started again
-    with contextlib.ExitStack() as stack:
-        bouncers = bouncer_in_tmp(url, "transaction")
-        bouncer = next(bouncers)
-        stack.callback(lambda: next(bouncers, None))
+    with bouncer_in_tmp(url, "transaction") as bouncer:
         env = {"DATABASE_URL": bouncer.url, "PGQUEUE_WORKER_DATABASE_URL": child_url(url)}
         async with cluster(
             workdir, url, workers=cfg.workers, api=True, latency=cfg.latency, env=env

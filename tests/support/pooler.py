@@ -4,6 +4,7 @@ tests/support/harness.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -48,6 +49,7 @@ class Bouncer:
             proc.wait()
 
 
+@contextlib.contextmanager
 def bouncer(db_url: str, workdir: Path, mode: str) -> Iterator[Bouncer]:
     if not Path(PGBOUNCER).exists():
         raise Missing("pgbouncer is not installed (.ci/run installs Debian's)")
@@ -113,11 +115,13 @@ def _launch(argv: list[str], url: str, workdir: Path) -> subprocess.Popen[bytes]
     return proc
 
 
+@contextlib.contextmanager
 def bouncer_in_tmp(db_url: str, mode: str) -> Iterator[Bouncer]:
     # Not pytest's tmp_path: its parents are private to the user, and PgBouncer run as
     # nobody (under root) could not reach its own files there.
     workdir = Path(tempfile.mkdtemp(prefix=f"pgqueue-pgbouncer-{mode}-"))
     try:
-        yield from bouncer(db_url, workdir, mode)
+        with bouncer(db_url, workdir, mode) as started:
+            yield started
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
