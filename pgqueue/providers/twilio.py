@@ -100,21 +100,19 @@ class _SlotConnector(aiohttp.TCPConnector):
     """Waits for the send's rate slot once a connection is in hand, right before the
     request is written: a new connection (TCP and TLS handshakes, DNS) or a wait for a
     free one takes time that would otherwise reach the provider as jitter and bunch
-    starts (G4)."""
+    starts (G4). A missed slot hands the connection back to the pool unused: nothing was
+    written on it. (Raised from aiohttp's reuse trace instead, the error drops a kept-alive
+    connection from the pool without closing it, and every missed slot then costs the
+    next send a new TCP connection.)"""
 
-    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
-        proto = await super()._create_connection(req, traces, timeout)
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        conn = await super().connect(req, traces, timeout)
         try:
             await wait_for_slot()
         except BaseException:  # a missed slot, or cancelled while waiting for it
-            proto.close()
+            conn.release()
             raise
-        return proto
-
-
-async def _check_slot_on_reuse(session: Any, context: Any, params: Any) -> None:
-    # aiohttp hands a raised exception back to the caller and releases the connection.
-    await wait_for_slot()
+        return conn
 
 
 async def _on_wire(session: Any, context: Any, params: Any) -> None:
@@ -137,7 +135,6 @@ class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
         self._netloc = parts.netloc
         self._prefix = parts.path.rstrip("/")
         slot_check = aiohttp.TraceConfig()
-        slot_check.on_connection_reuseconn.append(_check_slot_on_reuse)
         slot_check.on_request_chunk_sent.append(_on_wire)
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s),

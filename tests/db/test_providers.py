@@ -544,6 +544,26 @@ async def test_a_missed_rate_slot_sends_nothing(provider: TwilioProvider, fake: 
     assert len(fake.records()) == 1
 
 
+async def test_a_missed_rate_slot_keeps_the_kept_alive_connection(
+    provider: TwilioProvider, fake: FakeTwilio
+) -> None:
+    """A send that misses its slot wrote nothing on its connection, so the connection goes
+    back to the pool: a busy worker misses slots in runs, and a new TCP connection for
+    each next send costs the CPU that made it late."""
+    from pgqueue.providers import SlotMissed, slot_deadline
+
+    await provider.send(make_job())
+    for _ in range(5):
+        with slot_deadline(time.time() - 1), pytest.raises(SlotMissed):
+            await provider.send(make_job())
+    for _ in range(3):
+        with slot_deadline(time.time() + 5):
+            await provider.send(make_job())
+    ports = [r.peer_port for r in fake.records()]
+    assert len(ports) == 4 and None not in ports
+    assert len(set(ports)) == 1, f"requests came over {len(set(ports))} connections"
+
+
 async def test_a_send_woken_early_waits_for_its_slot_at_the_wire(
     provider: TwilioProvider, fake: FakeTwilio
 ) -> None:

@@ -108,11 +108,18 @@ class Record:
     status: int | None = None
     code: int | None = None
     sid: str | None = None
+    # The client's TCP port: requests on one kept-alive connection share it.
+    peer_port: int | None = None
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["from"] = data.pop("from_")
         return data
+
+
+def _peer_port(request: web.Request) -> int | None:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return int(peer[1]) if peer else None
 
 
 def _number(address: str | None) -> str | None:
@@ -464,6 +471,7 @@ class FakeTwilio:
             content_variables=field("ContentVariables"),
             status_callback=field("StatusCallback"),
             validity_period=field("ValidityPeriod"),
+            peer_port=_peer_port(request),
         )
         self._enter(rec)
         try:
