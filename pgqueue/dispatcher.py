@@ -44,11 +44,15 @@ from pgqueue.providers import Provider, SlotMissed, slot_deadline
 log = logging.getLogger("pgqueue.dispatcher")
 
 RECONNECT_MAX_S = 1.0
-# A send may start at most this long after its rate slot; later, it takes a new slot.
-MAX_LATE_S = 0.006
+# A send may start at most this long after its rate slot; later, it takes a new slot. Of
+# the 22.5 ms of jitter pacing tolerates (queries.RATE_HEADROOM): the check sits in the
+# step that writes the request (providers.twilio._OnSlot), so what is left covers the
+# write itself and a process descheduled right there.
+MAX_LATE_S = 0.015
 # A provider that waits for the slot at the wire (providers.wait_for_slot) is woken this
-# long before it, to build its request meanwhile (the Twilio SDK takes a few ms of CPU).
-SLOT_LEAD_S = 0.005
+# long before it, to build its request meanwhile (the Twilio SDK takes a few ms of CPU,
+# and a busy worker has several sends' worth to build around each slot).
+SLOT_LEAD_S = 0.02
 # A slot this far ahead comes from a provider pause (claims hand out slots at most
 # lookahead_s ahead, reslots of every send in flight a few hundred ms); it is taken again
 # when it comes near, so that a pause committed meanwhile applies to it too.

@@ -26,7 +26,7 @@ Row: TypeAlias = dict[str, Any]
 
 # Sends are paced at this share of the configured rate, so that the jitter between a
 # slot and the provider seeing the request cannot push R + 1 starts into one second:
-# 1/h - 1 = 22.5 ms of jitter, 6 of them our own lateness (dispatcher.MAX_LATE_S), while
+# 1/h - 1 = 22.5 ms of jitter, 15 of them our own lateness (dispatcher.MAX_LATE_S), while
 # the mean stays above 97.5 % of R with a few missed slots to spare.
 RATE_HEADROOM = 0.978
 # A tenant's own rate slot is handed out at least this far ahead (claim_jobs, reslot):

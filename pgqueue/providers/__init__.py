@@ -19,16 +19,16 @@ from pgqueue.models import Job, Outgoing, SendResult
 
 log = logging.getLogger("pgqueue.providers")
 
-# (not before, not after), epoch s: when this send's first request may go on the wire.
-_slot_window: ContextVar[tuple[float, float] | None] = ContextVar(
-    "pgqueue_slot_window", default=None
-)
-# The slot a request passed its check for, until note_on_wire sees its bytes leave. A
-# list, so the first chunk written (in a task of the HTTP client's own, with a copy of
-# this context) can take it for all.
+# [not before, not after] (epoch s): when this send's first request may go on the wire;
+# emptied once a request passed its check. A list, because the check runs in a task of
+# the HTTP client's own that has a copy of this context: emptied there, it is emptied for
+# the send's later requests too (a fallback template is never held to the slot).
+_slot_window: ContextVar[list[float] | None] = ContextVar("pgqueue_slot_window", default=None)
+# The slot a request passed its check for, and how late it could still have passed, until
+# note_on_wire sees its bytes leave.
 _passed: ContextVar[list[float] | None] = ContextVar("pgqueue_slot_passed", default=None)
-# A request leaving this long after its slot is logged (see note_on_wire).
-WIRE_LATE_LOG_S = 0.010
+# A request leaving this much later than its check allowed is logged (see note_on_wire).
+WIRE_LATE_LOG_S = 0.004
 
 
 class SlotMissed(Exception):
@@ -40,18 +40,19 @@ def slot_deadline(deadline: float, start: float = 0.0) -> Iterator[None]:
     """The window (epoch s) in which this send's first request may go on the wire: not
     before `start` (a provider that waits at the wire is woken a little early), not after
     `deadline`."""
-    token = _slot_window.set((start, deadline))
+    token = _slot_window.set([start, deadline])
     try:
         yield
     finally:
         _slot_window.reset(token)
 
 
-async def wait_for_slot() -> None:
+async def wait_for_slot(*, final: bool = True) -> None:
     """Await right before a request goes on the wire: holds it until the rate slot starts
     and raises SlotMissed when the slot has passed (the dispatcher then takes a new one).
     Only a send's first request is checked, so a follow-up request of the same send (a
-    fallback template) cannot loop.
+    fallback template) cannot loop. `final=False` checks without using the window up: a
+    look before a later, final check.
 
     The later this sits, the less jitter reaches the provider: CPU time spent building
     the request on a loaded machine would otherwise push starts together. A provider that
@@ -59,30 +60,33 @@ async def wait_for_slot() -> None:
     SLOT_LEAD_S before their slots, so that building the request happens before the slot
     instead of eating into the few ms a send may be late."""
     window = _slot_window.get()
-    if window is None:
+    if not window:
         return
-    _slot_window.set(None)
     start, deadline = window
     while (early := start - time.time()) > 0:
         await asyncio.sleep(early)
     if time.time() > deadline:
         raise SlotMissed
+    if not final:
+        return
+    window.clear()
     if deadline != float("inf"):
-        _passed.set([start])
+        _passed.set([start, deadline])
 
 
 def note_on_wire() -> None:
     """Call once the request's bytes are handed to the socket. The slot check runs just
-    before the write, but the event loop can still be held up in between (a starved
-    process, a blocking write elsewhere); such a send reaches the provider late and can
-    bunch with the next ones (G4). It cannot be taken back, so it is logged, for the
-    reliability harness to count."""
+    before the write, but the process can still be held up in between (a starved
+    machine); such a send reaches the provider late and can bunch with the next ones (G4).
+    It cannot be taken back, so it is logged, for the reliability harness to count."""
     passed = _passed.get()
     if not passed:
         return
-    late = time.time() - passed.pop()
-    if late > WIRE_LATE_LOG_S:
-        log.warning("a send went on the wire %.1f ms after its rate slot", late * 1000)
+    start, deadline = passed
+    passed.clear()
+    now = time.time()
+    if now - deadline > WIRE_LATE_LOG_S:
+        log.warning("a send went on the wire %.1f ms after its rate slot", (now - start) * 1000)
 
 
 class Provider(Protocol):

@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
@@ -47,7 +47,7 @@ from pgqueue.errors import (
     TransientSendError,
 )
 from pgqueue.models import Job, Outgoing, SendResult
-from pgqueue.providers import note_on_wire, wait_for_slot
+from pgqueue.providers import SlotMissed, note_on_wire, wait_for_slot
 
 log = logging.getLogger("pgqueue.twilio")
 
@@ -97,22 +97,34 @@ _response_headers: contextvars.ContextVar[Mapping[str, str] | None] = contextvar
 
 
 class _SlotConnector(aiohttp.TCPConnector):
-    """Waits for the send's rate slot once a connection is in hand, right before the
-    request is written: a new connection (TCP and TLS handshakes, DNS) or a wait for a
-    free one takes time that would otherwise reach the provider as jitter and bunch
-    starts (G4). A missed slot hands the connection back to the pool unused: nothing was
-    written on it. (Raised from aiohttp's reuse trace instead, the error drops a kept-alive
-    connection from the pool without closing it, and every missed slot then costs the
-    next send a new TCP connection.)"""
+    """Looks at the send's rate slot once a connection is in hand (a new connection, TCP
+    and TLS handshakes, DNS, or a wait for a free one takes time) and waits there for it.
+    A slot already missed hands the connection back to the pool unused: nothing was written
+    on it. (Raised from aiohttp's reuse trace instead, the error drops a kept-alive
+    connection from the pool without closing it, and every missed slot then costs the next
+    send a new TCP connection.) The final check is the body's (_OnSlot)."""
 
     async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
         conn = await super().connect(req, traces, timeout)
         try:
-            await wait_for_slot()
+            await wait_for_slot(final=False)
         except BaseException:  # a missed slot, or cancelled while waiting for it
             conn.release()
             raise
         return conn
+
+
+class _OnSlot(aiohttp.BytesPayload):
+    """A form body written only in its rate slot. aiohttp holds the request's headers back
+    to send them with the body's first bytes, and before Python 3.12 writes the body from
+    a task of its own, a trip through the event loop after the connection was handed over:
+    on a busy worker, 10-40 ms. Checked here, the slot is checked in the same step as the
+    write. A slot missed here closes the connection (aiohttp gives up a request whose body
+    failed), which the look at the connection (_SlotConnector) keeps rare."""
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        await wait_for_slot()
+        await super().write_with_length(writer, content_length)
 
 
 async def _on_wire(session: Any, context: Any, params: Any) -> None:
@@ -168,17 +180,28 @@ class _Transport(AsyncTwilioHttpClient):  # type: ignore[misc]
             # tests) and older versions lack encode_basic_auth; the header is simple.
             pair = f"{auth[0]}:{auth[1]}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+        body = None
+        if data is not None:
+            body = _OnSlot(
+                urlencode(data, doseq=True).encode(),
+                content_type="application/x-www-form-urlencoded",
+            )
         started = time.monotonic()
-        async with self.session.request(
-            method.upper(),
-            target,
-            params=params,
-            data=data,
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
-            allow_redirects=allow_redirects,
-        ) as response:
-            text = await response.text()
+        try:
+            async with self.session.request(
+                method.upper(),
+                target,
+                params=params,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
+                allow_redirects=allow_redirects,
+            ) as response:
+                text = await response.text()
+        except aiohttp.ClientConnectionError as e:
+            if isinstance(e.__cause__, SlotMissed):
+                raise SlotMissed from None
+            raise
         _response_headers.set(response.headers)
         # One debug line instead of the SDK's six INFO lines per request; never the auth.
         log.debug(

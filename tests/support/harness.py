@@ -1236,8 +1236,9 @@ def guarantee_rows(
 
 
 def late_on_wire(c: Cluster) -> list[float]:
-    """How late (ms) each send the workers logged as leaving well after its slot was
-    (pgqueue.providers.note_on_wire): the workers' own share of any bunching."""
+    """How late after its slot (ms) each send was that the workers logged as leaving well
+    after its check allowed (pgqueue.providers.note_on_wire): the workers' own share of
+    any bunching."""
     out = []
     for path in c.workdir.glob("worker-*.log"):
         for line in path.read_text(errors="replace").splitlines():
@@ -1252,7 +1253,7 @@ def rss_rows(c: Cluster) -> list[Row]:
     rows = [
         Row(
             f"sends the workers put on the wire > {WIRE_LATE_LOG_S * 1000:.0f} ms after their "
-            "slot (worst)",
+            "check allowed (worst, ms after the slot)",
             f"{len(late)} ({max(late, default=0):.1f} ms)",
         ),
         Row("fake Twilio's scheduling priority (nice)", str(c.fake_nice)),
