@@ -526,6 +526,16 @@ class Proc:
         self.popen.send_signal(sig)
         return self.signalled
 
+    async def ready(self, marker: str, timeout: float = 30.0) -> None:
+        """Until the process's log shows `marker` (a worker's "started" line); a rolling
+        deploy stops the old instance only once it runs, not while it is still starting
+        (SIGTERM then ends it by the default action, before its handlers are in place)."""
+        deadline = time.monotonic() + timeout
+        while marker not in self.log.read_text(errors="replace"):
+            if not self.alive or time.monotonic() > deadline:
+                raise AssertionError(f"{self.label} did not log {marker!r}")
+            await asyncio.sleep(0.05)
+
     async def wait(self, timeout: float) -> int | None:
         """The exit code, or None if it still runs after `timeout` seconds."""
         deadline = time.monotonic() + timeout
@@ -1877,6 +1887,7 @@ async def scenario_deploy(url: str, workdir: Path, cfg: DeployConfig) -> Result:
             if drained.done():
                 break
             oldest = c.workers[0]
+            await oldest.ready("pgqueue.worker: worker ")
             c.start_worker()  # the new one first, as a rolling deploy does
             terms.append(oldest.send(signal.SIGTERM))
             c.retire(oldest)
