@@ -2,7 +2,7 @@
 any 1-second window than its own rate, and a sender with a backlog gets its rate.
 
     .venv/bin/python bench/senders.py [--runs 3] [--seconds 30] [--database-url URL]
-        [--workdir DIR]
+        [--workdir DIR] [--keep]
 
 Each run works in a scratch database of its own (migrated, dropped at the end) on the
 server of `--database-url`, else DATABASE_URL, else pgqueue's embedded server:
@@ -412,7 +412,8 @@ async def run(args: argparse.Namespace) -> int:
         progress(f"server: {source}")
         for i in range(args.runs):
             progress(f"run {i + 1} of {args.runs}")
-            with scratch_database(url, f"bench_senders_{os.getpid()}") as db:
+            name = f"bench_senders_{os.getpid()}_{i + 1}"
+            with scratch_database(url, name, keep=args.keep) as db:
                 r = await run_once(db, workdir / f"run-{i + 1}", all_senders, args.seconds)
             runs.append(r)
             lag = (
@@ -461,6 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--database-url", help="server for the scratch databases")
     p.add_argument("--workdir", type=Path, help="logs, records, captures")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep each run's scratch database (bench_senders_<pid>_<run>) to inspect its jobs",
+    )
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error("--runs must be >= 1")

@@ -257,12 +257,30 @@ async def reslot(
     conn: Conn, *, queue: str, tenants: Sequence[str], headroom: float = RATE_HEADROOM
 ) -> list[float]:
     """Fresh rate slots for jobs that missed their own, one per job of `tenants` (each
-    job's tenant, in order); returns their starts (epoch s)."""
-    rows = await fetch_all(
-        conn,
-        "reslot",
-        {"queue": queue, "tenants": list(tenants), "headroom": headroom, "margin": SLOT_MARGIN_S},
-    )
+    job's tenant, in order); returns their starts (epoch s).
+
+    The queue lock is taken by a statement of its own, in one pipeline with the reslot:
+    a statement reads with the snapshot it took before it waited for a lock, so a reslot
+    that locked the queue itself, queued behind a claim, would pace from the tenants'
+    slots as they were before that claim and hand out a slot beside one the claim gave."""
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise psycopg.ProgrammingError("queries.reslot runs its own transaction")
+    params = {
+        "queue": queue,
+        "tenants": list(tenants),
+        "headroom": headroom,
+        "margin": SLOT_MARGIN_S,
+    }
+    try:
+        async with conn.pipeline():
+            await conn.execute(b"BEGIN", prepare=False)
+            await conn.execute(sql("lock_queue"), {"queue": queue})
+            cur = await conn.execute(sql("reslot"), params)
+            await conn.execute(b"COMMIT", prepare=False)
+    except BaseException:
+        await _abandon(conn)
+        raise
+    rows = await cur.fetchall()
     if len(rows) != len(tenants):  # the queue row is gone: nothing paces them any more
         return [time.time()] * len(tenants)
     return [float(r["start_at"]) for r in rows]

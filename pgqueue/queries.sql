@@ -1217,13 +1217,13 @@ SELECT tenant_id, extract(epoch FROM expires_at - now())::float8 AS valid_s FROM
 -- Claimed jobs missed their start slots (their worker's event loop was busy): they take
 -- the next free slots instead of starting late and crowding the slots after them (G4),
 -- one per job of %(tenants)s, in that order, paced like a claim (pgqueue.pace) by the
--- queue's rate and by the rate of each job's tenant where it has one. The queue row is
--- locked first, then the tenants' rows (the lock order above).
+-- queue's rate and by the rate of each job's tenant where it has one. Runs after
+-- lock_queue in the same transaction (queries.reslot), so that it reads the slots the
+-- claims before it committed; then the tenants' rows are locked (the lock order above).
 WITH q AS (
     SELECT name, greatest(rate_tat, clock_timestamp()) AS base,
            1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
-    FOR UPDATE
 ), w AS (
     SELECT i.tenant_id, i.ord,
            (lag(i.ord) OVER (PARTITION BY i.tenant_id ORDER BY i.ord))::int AS prev,

@@ -303,6 +303,50 @@ async def test_a_fast_sender_gets_several_jobs_a_claim_at_its_own_pace(
         await worker.close()
 
 
+async def test_a_reslot_that_waits_for_a_claim_paces_after_the_claims_slots(
+    db_url: str, conn: Any
+) -> None:
+    # A single statement reads with the snapshot it took before it waited for the queue
+    # lock: a reslot queued behind a claim would pace from the tenant's slot as it was
+    # before that claim, and hand out a slot next to one the claim gave (G4b).
+    await add_tenants(conn, 1)
+    await lift_limits(conn, rate=1000)
+    await admin.set_tenant(conn, "t0", rate_per_second=10)
+    claimer = await connect(db_url, application_name="pgqueue-worker:a")
+    missed = await connect(db_url, application_name="pgqueue-worker:b", generic_plans=True)
+    try:
+        await claimer.execute("BEGIN")
+        await claimer.execute("SELECT 1 FROM pgqueue.queues WHERE name = %s FOR UPDATE", (QUEUE,))
+        # What a claim of two t0 jobs, 0.3 s ahead, does to the tenant's row.
+        await claimer.execute(
+            "UPDATE pgqueue.tenants SET rate_tat = clock_timestamp() + interval '0.3 s' "
+            "+ make_interval(secs => 1 / (10 * %s::float8)) WHERE id = 't0'",
+            (H,),
+        )
+        reslot = asyncio.create_task(queries.reslot(missed, queue=QUEUE, tenants=["t0"]))
+        for _ in range(100):
+            waiting = await q(
+                conn,
+                "SELECT 1 FROM pg_stat_activity "
+                "WHERE application_name = 'pgqueue-worker:b' AND wait_event_type = 'Lock'",
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting, "the reslot never waited for the queue lock"
+        cur = await claimer.execute(
+            "SELECT extract(epoch FROM rate_tat)::float8 AS tat "
+            "FROM pgqueue.tenants WHERE id = 't0'"
+        )
+        tat = (await cur.fetchone())["tat"]
+        await claimer.execute("COMMIT")
+        (slot,) = await asyncio.wait_for(reslot, 10)
+        assert slot >= tat - 1e-6, f"reslot gave {tat - slot:.3f} s before the claim's next slot"
+    finally:
+        await claimer.close()
+        await missed.close()
+
+
 async def test_a_senders_rate_holds_in_every_second(db_url: str, conn: Any, tmp_path: Path) -> None:
     await add_tenants(conn, 2)
     await lift_limits(conn, rate=1000)
