@@ -1216,28 +1216,39 @@ SELECT tenant_id, extract(epoch FROM expires_at - now())::float8 AS valid_s FROM
 -- name: reslot
 -- Claimed jobs missed their start slots (their worker's event loop was busy): they take
 -- the next free slots instead of starting late and crowding the slots after them (G4),
--- one per job of %(tenants)s, in that order, paced like a claim (pgqueue.pace) by the
--- queue's rate and by the rate of each job's tenant where it has one. Runs after
--- lock_queue in the same transaction (queries.reslot), so that it reads the slots the
--- claims before it committed; then the tenants' rows are locked (the lock order above).
+-- one per job of %(tenants)s, returned in that order, paced like a claim (pgqueue.pace)
+-- by the queue's rate and by the rate of each job's tenant where it has one, and, like a
+-- claim, in order of the tenants' own slots: pace starts every job after the one before
+-- it, so a tenant's second job given early would hold every job after it a whole
+-- tenant spacing back, and the queue's next slot with them. Runs after lock_queue in the
+-- same transaction (queries.reslot), so that it reads the slots the claims before it
+-- committed; then the tenants' rows are locked (the lock order above).
 WITH q AS (
     SELECT name, greatest(rate_tat, clock_timestamp()) AS base,
            1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
 ), w AS (
     SELECT i.tenant_id, i.ord,
-           (lag(i.ord) OVER (PARTITION BY i.tenant_id ORDER BY i.ord))::int AS prev,
+           row_number() OVER (PARTITION BY i.tenant_id ORDER BY i.ord) AS k,
            CASE WHEN t.rate_per_second IS NOT NULL
                 THEN greatest(t.rate_tat, clock_timestamp() + make_interval(secs => %(margin)s))
            END AS rate_base,
            1.0 / (t.rate_per_second * %(headroom)s) AS rate_spacing
     FROM unnest(%(tenants)s::text[]) WITH ORDINALITY AS i(tenant_id, ord)
     LEFT JOIN pgqueue.tenants t ON t.id = i.tenant_id
+), slotted AS (
+    SELECT w.*, row_number() OVER (
+                    ORDER BY w.rate_base + make_interval(secs => w.rate_spacing * (w.k - 1))
+                             NULLS FIRST, w.ord) AS slot
+    FROM w
+), ordered AS (
+    SELECT s.*, (lag(s.slot) OVER (PARTITION BY s.tenant_id ORDER BY s.slot))::int AS prev
+    FROM slotted s
 ), paced AS (
-    SELECT pgqueue.pace(q.base, q.spacing, array_agg(w.prev ORDER BY w.ord),
-                        array_agg(w.rate_base ORDER BY w.ord),
-                        array_agg(w.rate_spacing ORDER BY w.ord)) AS starts, q.spacing
-    FROM w, q GROUP BY q.base, q.spacing
+    SELECT pgqueue.pace(q.base, q.spacing, array_agg(o.prev ORDER BY o.slot),
+                        array_agg(o.rate_base ORDER BY o.slot),
+                        array_agg(o.rate_spacing ORDER BY o.slot)) AS starts, q.spacing
+    FROM ordered o, q GROUP BY q.base, q.spacing
 ), queue_tat AS (
     UPDATE pgqueue.queues qq
     SET rate_tat = p.starts[cardinality(p.starts)] + make_interval(secs => p.spacing)
@@ -1246,13 +1257,13 @@ WITH q AS (
 ), tenant_tat AS (
     UPDATE pgqueue.tenants t
     SET rate_tat = s.last + make_interval(secs => s.rate_spacing)
-    FROM (SELECT w.tenant_id, max(p.starts[w.ord]) AS last, min(w.rate_spacing) AS rate_spacing
-          FROM w, paced p WHERE w.rate_base IS NOT NULL GROUP BY w.tenant_id) s
+    FROM (SELECT o.tenant_id, max(p.starts[o.slot]) AS last, min(o.rate_spacing) AS rate_spacing
+          FROM ordered o, paced p WHERE o.rate_base IS NOT NULL GROUP BY o.tenant_id) s
     WHERE t.id = s.tenant_id
 )
-SELECT extract(epoch FROM u.start)::float8 AS start_at
-FROM paced p, unnest(p.starts) WITH ORDINALITY AS u(start, ord)
-ORDER BY u.ord;
+SELECT extract(epoch FROM p.starts[o.slot])::float8 AS start_at
+FROM ordered o, paced p
+ORDER BY o.ord;
 
 
 -- === Dashboard ===

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,35 @@ async def test_a_fast_sender_gets_several_jobs_a_claim_at_its_own_pace(
         last = max(again).timestamp()
         assert slots[0] >= last + 1 / (50 * H) - 1e-6
         assert slots[2] - slots[0] >= 1 / (50 * H) - 1e-6
+    finally:
+        await worker.close()
+
+
+async def test_missed_slots_of_several_senders_take_the_nearest_free_slots(
+    db_url: str, conn: Any
+) -> None:
+    # Sends that miss their slots together share a reslot, in the order they missed:
+    # two of each sender, interleaved. Each sender's second comes one spacing after its
+    # first; no sender's second may hold the others back, nor the queue's next slot.
+    await add_tenants(conn, 5)
+    await lift_limits(conn, rate=1000)
+    for t in range(5):
+        await admin.set_tenant(conn, f"t{t}", rate_per_second=10)
+    worker = await connect(db_url, application_name="pgqueue-worker:w", generic_plans=True)
+    try:
+        before = time.time()
+        tenants = [f"t{t}" for t in range(5) for _ in range(2)]
+        slots = await queries.reslot(worker, queue=QUEUE, tenants=tenants)
+        spacing = 1 / (10 * H)
+        for t in range(5):
+            first, second = slots[2 * t], slots[2 * t + 1]
+            assert second - first >= spacing - 1e-6
+        latest = before + queries.SLOT_MARGIN_S + spacing + 0.05
+        assert max(slots) <= latest, f"a slot {max(slots) - before:.3f} s ahead"
+        rows = await q(
+            conn, "SELECT extract(epoch FROM rate_tat)::float8 AS tat FROM pgqueue.queues"
+        )
+        assert rows[0]["tat"] <= latest + 1 / (1000 * H), "the queue's next slot held back"
     finally:
         await worker.close()
 
