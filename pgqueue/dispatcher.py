@@ -76,8 +76,13 @@ class DispatcherConfig:
     claim_ahead: int = 20
     lease_s: float = 60.0
     # How far ahead of its start a rate slot may be handed out (see claim_jobs). Short,
-    # because a job waiting for its slot holds a concurrency slot meanwhile.
-    lookahead_s: float = 0.05
+    # because a job waiting for its slot holds a concurrency slot meanwhile; not much
+    # shorter, because a tenant's slot can only be claimed between lookahead_s and
+    # queries.SLOT_MARGIN_S ahead, and a claim after that window starts it late (the
+    # slot is lost). bench/senders.py, a 50/s sender allowed 10 in flight: 0.74 of its
+    # rate at 0.05 (its sends spent 45 of 215 ms in flight waiting for their slots),
+    # 0.84 at 0.035, 0.77 at 0.03 (a window of 10 ms, half a paced turn gap).
+    lookahead_s: float = 0.035
     # While claims come back short because rates bind, a turn runs at most this often:
     # a turn costs the server about 1.2 ms whatever it claims, and one for every send
     # that finished claimed one job a turn (bench/senders.py: 450 turns/s for 300 sends/s

@@ -1750,7 +1750,7 @@ class OverloadConfig:
     concurrency: int = 8
     single_every: float = 0.1
     # Short enough that 80/s binds, not the global 20: a slot is held for the send, up to
-    # the 0.05 s lookahead before it and the completion after it; with 0.1-0.3 s per send
+    # the lookahead (0.035 s) before it and the completion after it; with 0.1-0.3 s per send
     # that is ~0.25 s, and 20 slots would give ~80/s, no margin over the rate.
     latency: str = "0.05:0.15"
     min_rate_share: float = 0.975
