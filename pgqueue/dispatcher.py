@@ -326,9 +326,10 @@ class Dispatcher:
 
     async def turn(self) -> queries.CycleResult:
         """One turn of the loop, in one transaction: drop the locks of the sends that
-        finished since the last turn (writing here only the outcomes that pause a tenant
-        or the queue; the completer writes the others once the locks are gone), then
-        claim what the freed slots (and any others) allow, and start those sends."""
+        finished since the last turn and count them out of the limits (writing here only
+        the outcomes that pause a tenant or the queue; the completer writes the others
+        once the locks are gone), then claim what the freed slots (and any others)
+        allow, and start those sends."""
         batch, self._done = self._done, []
         here = [e for e in batch if e.outcome is not None and e.outcome.needs_queue_lock]
         written_here = {e.job.id for e in here}
@@ -340,6 +341,9 @@ class Dispatcher:
             lookahead_s=self.config.lookahead_s,
         )
         release = [e.job.lock_key for e in batch if e.job.locked]
+        # Finished: in flight no more (G2, G3), so this turn's claim may use their places
+        # while the completer writes their outcomes.
+        answered = [e.job.claim_token for e in batch]
 
         async def turn(conn: queries.Conn) -> queries.CycleResult:
             began = time.perf_counter()
@@ -348,6 +352,7 @@ class Dispatcher:
                 queue=self.config.queue,
                 outcomes=outcomes,
                 release=release,
+                answered=answered,
                 claim=claim,
                 notify=self.config.worker_id,
                 on_sent=self._while_the_server_works,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -122,6 +123,7 @@ async def cycle(
     queue: str,
     outcomes: Outcomes | None = None,
     release: Sequence[int] = (),
+    answered: Sequence[uuid.UUID] = (),
     claim: Claim | None = None,
     notify: str | None = None,
     on_sent: Callable[[], None] | None = None,
@@ -129,7 +131,8 @@ async def cycle(
 ) -> CycleResult:
     """One transaction, sent as one pipeline (one round trip plus the commit), under the
     queue lock: write outcomes, promote the next heads, drop the conversation locks of
-    the finished sends, claim new heads, and say when to look again. The dispatcher runs
+    the finished sends and count them out of the limits (`answered`: their claim
+    tokens), claim new heads, and say when to look again. The dispatcher runs
     one per turn of its loop (dropping locks and claiming; its completer writes most
     outcomes in cycles of their own, `lock=False`, once the locks are dropped).
 
@@ -156,7 +159,9 @@ async def cycle(
     try:
         async with conn.pipeline():
             await conn.execute(b"BEGIN", prepare=False)
-            applied, claimed, end = await _turn(conn, queue, outcomes, release, claim, notify, lock)
+            applied, claimed, end = await _turn(
+                conn, queue, outcomes, release, answered, claim, notify, lock
+            )
             await conn.execute(b"COMMIT", prepare=False)
             if on_sent is not None:
                 try:
@@ -201,14 +206,19 @@ async def _turn(
     queue: str,
     outcomes: Outcomes | None,
     release: Sequence[int],
+    answered: Sequence[uuid.UUID],
     claim: Claim | None,
     notify: str | None,
     lock: bool,
 ) -> tuple[Cursor | None, Cursor | None, Cursor | None]:
     """Queue a turn's statements in the open pipeline; returns their cursors (outcomes
     applied, jobs claimed, the turn's end: none for outcomes only)."""
+    if answered and not lock:
+        raise ValueError("sends are counted out of the limits under the queue lock")
     if lock:
         await conn.execute(sql("lock_queue"), {"queue": queue})
+    if answered:
+        await conn.execute(sql("mark_answered"), {"tokens": list(answered)})
     applied = None
     if outcomes is not None and outcomes.rows:
         applied = await _write_outcomes(conn, queue, outcomes)

@@ -232,9 +232,11 @@ WITH q AS (
     -- global limits' rows, through the one-active-per-conversation index. A completion
     -- then writes no row a claim writes, and runs beside the claims instead of queueing
     -- on this lock; one committed after this snapshot is still counted (safe side).
+    -- A send whose worker has its answer (answered_at, set by mark_answered under this
+    -- lock) is in flight no more, while its outcome waits for the completer.
     SELECT j.tenant_id, count(*)::int AS n, count(*) FILTER (WHERE j.queue = %(queue)s) AS here
     FROM pgqueue.jobs j
-    WHERE j.state = 'active'
+    WHERE j.state = 'active' AND j.answered_at IS NULL
     GROUP BY j.tenant_id
 ), free_global AS (
     SELECT global_concurrency - (SELECT coalesce(sum(here), 0)::int FROM busy) AS n FROM q
@@ -331,6 +333,7 @@ WITH q AS (
         claim_token = gen_random_uuid(),
         claimed_by = %(worker_id)s,
         start_at = t.start,
+        answered_at = NULL,
         started_at = coalesce(j.started_at, t.start),
         lease_expires_at = q.now + make_interval(secs => %(lease)s),
         updated_at = q.now,
@@ -381,6 +384,15 @@ FROM claimed c
 CROSS JOIN LATERAL (SELECT * FROM pgqueue.tenants x WHERE x.id = c.tenant_id OFFSET 0) t
 CROSS JOIN q
 ORDER BY c.slot;
+
+
+-- name: mark_answered
+-- Sends whose workers have their answers (or gave up on them) are in flight no more
+-- (G2, G3): the claim that follows in the same turn may hand their places on, while
+-- their outcomes wait for the completer. Under the queue lock, so that no claim counts
+-- them between two snapshots. A job no longer active under its token is left alone.
+UPDATE pgqueue.jobs SET answered_at = clock_timestamp()
+WHERE claim_token = ANY(%(tokens)s::uuid[]) AND state = 'active' AND answered_at IS NULL;
 
 
 -- name: turn_end

@@ -266,6 +266,35 @@ def gaps(starts: list[datetime]) -> list[float]:
     return [(b - a).total_seconds() for a, b in itertools.pairwise(sorted(starts))]
 
 
+async def test_an_answered_send_frees_its_place_for_the_same_turns_claim(
+    db_url: str, conn: Any
+) -> None:
+    # G2 counts sends in flight at the provider: once a worker has the answer, the
+    # outcome still waiting for its completer must not hold the tenant's place.
+    await add_tenants(conn, 1)
+    await lift_limits(conn)
+    await admin.set_tenant(conn, "t0", max_concurrency=1)
+    await send_many(
+        conn, [Message(tenant_id="t0", phone_number=phone(i), text="x") for i in range(2)]
+    )
+    worker = await connect(db_url, application_name="pgqueue-worker:w", generic_plans=True)
+    try:
+        claim = queries.Claim(worker_id="w", max_jobs=5, lease_s=60, lookahead_s=0.2)
+        (first,) = (await queries.cycle(worker, queue=QUEUE, claim=claim)).claimed
+        assert (await queries.cycle(worker, queue=QUEUE, claim=claim)).claimed == []
+        answered = [first["claim_token"]]
+        turn = await queries.cycle(worker, queue=QUEUE, answered=answered, claim=claim)
+        assert [r["tenant_id"] for r in turn.claimed] == ["t0"]
+        # The first is still active (its outcome not yet written) and in flight no more.
+        rows = await q(conn, "SELECT state FROM pgqueue.jobs WHERE id = %s", first["id"])
+        assert rows == [{"state": "active"}]
+        assert await q(conn, "SELECT tenant_id, n FROM pgqueue.tenant_in_flight") == [
+            {"tenant_id": "t0", "n": 1}
+        ]
+    finally:
+        await worker.close()
+
+
 async def test_a_fast_sender_gets_several_jobs_a_claim_at_its_own_pace(
     db_url: str, conn: Any
 ) -> None:
