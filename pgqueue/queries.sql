@@ -201,9 +201,11 @@ SELECT name, (SELECT count(*) FROM woken) AS woken FROM q;
 --    and the request reaching the provider stays under 1/h - 1 = 22.5 ms, and still
 --    deliver 97.8 %% of R. (A token bucket of capacity R would allow 2R in one second.)
 --    A tenant with a rate r of its own is paced the same way, one start every
---    1 / (h * r) s (G4b): pgqueue.pace gives each job the first moment both allow,
+--    1 / (h * r) s (G4b): pgqueue.pace_free gives each job the first moment both allow,
 --    taking the jobs in order of their tenants' own slots, so a far one holds no other
---    back. Its first slot after a pause is %(margin)s s ahead, not now: a slot of now is
+--    back; the queue's slots need not come in order, only a spacing apart
+--    (rate_booked: those handed out and still to come), so a sender's slot near now is
+--    given between the later ones an earlier claim gave. Its first slot after a pause is %(margin)s s ahead, not now: a slot of now is
 --    late by the time the job reaches its worker. The dispatcher never starts a send
 --    more than a few ms after its slot: a late one takes a new slot (reslot);
 --  * lateness matters only while the rate can bind: in any window, the starts are at
@@ -223,7 +225,7 @@ WITH q AS (
            clock_timestamp() AS now,
            clock_timestamp() + make_interval(secs => %(lookahead)s) AS horizon,
            clock_timestamp() + make_interval(secs => %(margin)s) AS earliest,
-           greatest(rate_tat, clock_timestamp()) AS base,
+           greatest(rate_floor, clock_timestamp()) AS base, rate_booked,
            1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
 ), busy AS (
@@ -244,8 +246,12 @@ WITH q AS (
     SELECT least(
                %(max_jobs)s,
                (SELECT n FROM free_global),
+               -- The free places between base and the horizon, at most.
                CASE WHEN base > horizon THEN 0
-                    ELSE floor(extract(epoch FROM horizon - base) / spacing)::int + 1
+                    ELSE greatest(floor(extract(epoch FROM horizon - base) / spacing)::int + 1
+                                  - (SELECT count(*)::int FROM unnest(rate_booked) b
+                                     WHERE b > base - make_interval(secs => spacing)
+                                       AND b <= horizon), 0)
                END) AS n
     FROM q
 ), looked_at AS (
@@ -308,7 +314,7 @@ WITH q AS (
     FROM locked l JOIN free_tenants ft ON ft.id = l.tenant_id CROSS JOIN q
 ), ordered AS (
     -- In order of the tenants' own rate slots (none: first), each job with the previous
-    -- one of its tenant, for pgqueue.pace.
+    -- one of its tenant, for pgqueue.pace_free.
     SELECT o.*, (lag(o.slot) OVER (PARTITION BY o.tenant_id ORDER BY o.slot))::int AS prev
     FROM (SELECT m.*, row_number() OVER (
                           ORDER BY CASE WHEN m.rated THEN m.rate_base + make_interval(
@@ -316,16 +322,14 @@ WITH q AS (
                                    NULLS FIRST, m.priority DESC, m.seq) AS slot
           FROM mine m) o
 ), paced AS (
-    -- Only where a tenant has a rate of its own: otherwise one slot after the other.
-    SELECT CASE WHEN bool_or(o.rated)
-                THEN pgqueue.pace(q.base, q.spacing, array_agg(o.prev ORDER BY o.slot),
-                                  array_agg(o.rate_base ORDER BY o.slot),
-                                  array_agg(o.rate_spacing ORDER BY o.slot)) END AS starts
-    FROM ordered o, q GROUP BY q.base, q.spacing
+    SELECT pgqueue.pace_free(q.base, q.spacing, q.rate_booked,
+                             array_agg(o.prev ORDER BY o.slot),
+                             array_agg(CASE WHEN o.rated THEN o.rate_base END ORDER BY o.slot),
+                             array_agg(o.rate_spacing ORDER BY o.slot)) AS starts
+    FROM ordered o, q GROUP BY q.base, q.spacing, q.rate_booked
 ), timed AS MATERIALIZED (
-    SELECT o.id, o.slot, coalesce(p.starts[o.slot],
-                                  q.base + make_interval(secs => q.spacing * (o.slot - 1))) AS start
-    FROM ordered o, paced p, q
+    SELECT o.id, o.slot, p.starts[o.slot] AS start
+    FROM ordered o, paced p
 ), claimed AS (
     UPDATE pgqueue.jobs j
     SET state = 'active',
@@ -354,8 +358,14 @@ WITH q AS (
     FROM q, (SELECT tenant_id, max(start_at) AS last_start FROM claimed GROUP BY 1) s
     WHERE t.id = s.tenant_id
 ), queue_rate AS (
+    -- The booked slots that can still be near a new one, with this claim's.
     UPDATE pgqueue.queues qq
-    SET rate_tat = (SELECT max(start_at) FROM claimed) + make_interval(secs => q.spacing)
+    SET rate_tat = greatest(qq.rate_tat, (SELECT max(start_at) FROM claimed)
+                                         + make_interval(secs => q.spacing)),
+        rate_booked = (SELECT array_agg(b ORDER BY b)
+                       FROM (SELECT unnest(q.rate_booked) AS b
+                             UNION ALL SELECT start_at FROM claimed) u
+                       WHERE u.b > q.now - make_interval(secs => q.spacing))
     FROM q
     WHERE qq.name = q.name AND EXISTS (SELECT 1 FROM claimed)
 ), ready AS (
@@ -661,7 +671,8 @@ WHERE claim_token = ANY(%(tokens)s::uuid[]) AND state = 'active';
 -- name: throttle_queue
 -- The provider said 429: no send of this queue starts before Retry-After has passed.
 UPDATE pgqueue.queues
-SET rate_tat = greatest(rate_tat, clock_timestamp() + make_interval(secs => %(seconds)s))
+SET rate_tat = greatest(rate_tat, clock_timestamp() + make_interval(secs => %(seconds)s)),
+    rate_floor = greatest(rate_floor, clock_timestamp() + make_interval(secs => %(seconds)s))
 WHERE name = %(queue)s;
 
 
@@ -1228,16 +1239,15 @@ SELECT tenant_id, extract(epoch FROM expires_at - now())::float8 AS valid_s FROM
 -- name: reslot
 -- Claimed jobs missed their start slots (their worker's event loop was busy): they take
 -- the next free slots instead of starting late and crowding the slots after them (G4),
--- one per job of %(tenants)s, returned in that order, paced like a claim (pgqueue.pace)
+-- one per job of %(tenants)s, returned in that order, paced like a claim (pgqueue.pace_free)
 -- by the queue's rate and by the rate of each job's tenant where it has one, and, like a
--- claim, in order of the tenants' own slots: pace starts every job after the one before
--- it, so a tenant's second job given early would hold every job after it a whole
--- tenant spacing back, and the queue's next slot with them. Runs after lock_queue in the
+-- claim, in order of the tenants' own slots, so that a tenant's second job, a tenant
+-- spacing after its first, is not placed before another tenant's first. Runs after lock_queue in the
 -- same transaction (queries.reslot), so that it reads the slots the claims before it
 -- committed; then the tenants' rows are locked (the lock order above).
 WITH q AS (
-    SELECT name, greatest(rate_tat, clock_timestamp()) AS base,
-           1.0 / (rate_per_second * %(headroom)s) AS spacing
+    SELECT name, greatest(rate_floor, clock_timestamp()) AS base, rate_booked,
+           clock_timestamp() AS now, 1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
 ), w AS (
     SELECT i.tenant_id, i.ord,
@@ -1257,13 +1267,20 @@ WITH q AS (
     SELECT s.*, (lag(s.slot) OVER (PARTITION BY s.tenant_id ORDER BY s.slot))::int AS prev
     FROM slotted s
 ), paced AS (
-    SELECT pgqueue.pace(q.base, q.spacing, array_agg(o.prev ORDER BY o.slot),
-                        array_agg(o.rate_base ORDER BY o.slot),
-                        array_agg(o.rate_spacing ORDER BY o.slot)) AS starts, q.spacing
-    FROM ordered o, q GROUP BY q.base, q.spacing
+    SELECT pgqueue.pace_free(q.base, q.spacing, q.rate_booked,
+                             array_agg(o.prev ORDER BY o.slot),
+                             array_agg(o.rate_base ORDER BY o.slot),
+                             array_agg(o.rate_spacing ORDER BY o.slot)) AS starts,
+           q.spacing, q.rate_booked, q.now
+    FROM ordered o, q GROUP BY q.base, q.spacing, q.rate_booked, q.now
 ), queue_tat AS (
     UPDATE pgqueue.queues qq
-    SET rate_tat = p.starts[cardinality(p.starts)] + make_interval(secs => p.spacing)
+    SET rate_tat = greatest(qq.rate_tat, (SELECT max(x) FROM unnest(p.starts) x)
+                                         + make_interval(secs => p.spacing)),
+        rate_booked = (SELECT array_agg(b ORDER BY b)
+                       FROM (SELECT unnest(p.rate_booked) AS b
+                             UNION ALL SELECT unnest(p.starts)) u
+                       WHERE u.b > p.now - make_interval(secs => p.spacing))
     FROM paced p
     WHERE qq.name = %(queue)s
 ), tenant_tat AS (

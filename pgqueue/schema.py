@@ -54,6 +54,17 @@ queues = Table(
     # GCRA state: the earliest moment the next send may start (G4). Pushed forward on
     # every claim and by a provider's 429, so it also is the bucket's pause.
     Column("rate_tat", TZ, nullable=False, server_default=NOW),
+    # The slots handed out that are still to come (or less than a spacing ago), in
+    # order: a claim may give a slot between two of them, a spacing away from both
+    # (pgqueue.pace_free), so a sender's slot near now is not held behind a later one
+    # an earlier claim gave. No slot before rate_floor (a provider's 429).
+    Column(
+        "rate_booked",
+        ARRAY(TZ),
+        nullable=False,
+        server_default=text("'{}'::timestamptz[]"),
+    ),
+    Column("rate_floor", TZ),
     Column("retention_days", Integer, nullable=False, server_default=text("7")),
     Column(
         "message_type_priorities",
