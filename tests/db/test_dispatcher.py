@@ -341,7 +341,8 @@ async def _drain_watching_claims(
     conn: Any, worker: Any, timeout: float = 30.0
 ) -> tuple[int, dict[str, int]]:
     """Waits for the queue to drain; returns the most jobs the worker held at once
-    (sending or claimed ahead) and the most active jobs per tenant the database showed."""
+    (sending or claimed ahead) and the most sends in flight per tenant the database
+    showed, as claims count them (active and not yet answered)."""
     held = 0
     active: dict[str, int] = {}
     deadline = asyncio.get_running_loop().time() + timeout
@@ -349,7 +350,8 @@ async def _drain_watching_claims(
         if worker.dispatcher is not None:
             held = max(held, worker.dispatcher.in_flight)
         cur = await conn.execute(
-            "SELECT tenant_id, count(*) FILTER (WHERE state = 'active') AS a, count(*) AS n"
+            "SELECT tenant_id, count(*) FILTER (WHERE state = 'active' AND answered_at IS NULL)"
+            " AS a, count(*) AS n"
             " FROM pgqueue.jobs GROUP BY tenant_id"
         )
         rows = await cur.fetchall()

@@ -266,6 +266,84 @@ def gaps(starts: list[datetime]) -> list[float]:
     return [(b - a).total_seconds() for a, b in itertools.pairwise(sorted(starts))]
 
 
+async def test_queue_slots_fill_gaps_and_stay_a_spacing_apart(conn: Any) -> None:
+    # G4 holds for any set of starts a spacing apart, in whatever order they are given:
+    # random booked slots, random jobs (some of tenants with rates of their own).
+    rng = random.Random(7)
+    for _ in range(30):
+        spacing = rng.choice([0.01, 0.1, 1.0])
+        booked = sorted({rng.randrange(0, 40) * spacing / 2 for _ in range(rng.randrange(8))})
+        booked = [b for i, b in enumerate(booked) if i == 0 or b - booked[i - 1] >= spacing]
+        n = rng.randrange(1, 12)
+        tenants = [rng.choice(["a", "b", None]) for _ in range(n)]
+        last: dict[str, int] = {}
+        prev: list[int | None] = []
+        for i, t in enumerate(tenants, start=1):
+            prev.append(last.get(t) if t else None)
+            if t:
+                last[t] = i
+        # One base per tenant, as claims give it (its rate_tat, or the margin ahead).
+        bases = {t: rng.randrange(0, 20) * spacing for t in ("a", "b")}
+        base = [bases[t] if t else None for t in tenants]
+        tenant_spacing = [3 * spacing if t else None for t in tenants]
+        rows = await q(
+            conn,
+            "SELECT array(SELECT extract(epoch FROM x - 'epoch'::timestamptz)::float8 "
+            "FROM unnest(pgqueue.pace_free('epoch'::timestamptz, %s, "
+            "(SELECT coalesce(array_agg('epoch'::timestamptz + make_interval(secs => b)), "
+            "'{}') FROM unnest(%s::float8[]) b), %s::int[], "
+            "(SELECT array_agg('epoch'::timestamptz + make_interval(secs => b) ORDER BY o) "
+            "FROM unnest(%s::float8[]) WITH ORDINALITY u(b, o)), %s::float8[])) x) AS s",
+            spacing,
+            booked,
+            prev,
+            base,
+            tenant_spacing,
+        )
+        starts = rows[0]["s"]
+        every = sorted(booked + starts)
+        assert min((b - a for a, b in itertools.pairwise(every)), default=spacing) >= (
+            spacing - 1e-6
+        ), (booked, starts)
+        for i, t in enumerate(tenants):
+            if t:
+                assert starts[i] >= bases[t] - 1e-6
+                if prev[i] is not None:
+                    assert starts[i] - starts[prev[i] - 1] >= 3 * spacing - 1e-6
+    # The earliest gap is taken: between two booked slots two spacings apart, not after.
+    rows = await q(
+        conn,
+        "SELECT array(SELECT extract(epoch FROM x - 'epoch'::timestamptz)::float8 FROM "
+        "unnest(pgqueue.pace_free('epoch'::timestamptz, 1, ARRAY['epoch'::timestamptz, "
+        "'epoch'::timestamptz + interval '2 s'], ARRAY[NULL]::int[], "
+        "ARRAY[NULL]::timestamptz[], ARRAY[NULL]::float8[])) x) AS s",
+    )
+    assert rows[0]["s"] == [1.0]
+
+
+async def test_a_senders_slot_near_now_is_not_held_behind_a_later_one(
+    db_url: str, conn: Any
+) -> None:
+    # An earlier claim gave another sender a slot 0.3 s ahead: the queue's next slot in
+    # sequence would come after it, but t0's own slot is due now and the queue's rate
+    # has room before that one.
+    await add_tenants(conn, 1)
+    await lift_limits(conn, rate=100)
+    await admin.set_tenant(conn, "t0", rate_per_second=10)
+    await conn.execute(
+        "UPDATE pgqueue.queues SET rate_tat = clock_timestamp() + interval '0.31 s', "
+        "rate_booked = ARRAY[clock_timestamp() + interval '0.3 s']"
+    )
+    await send(conn, "t0", 1)
+    worker = await connect(db_url, application_name="pgqueue-worker:w", generic_plans=True)
+    try:
+        claim = queries.Claim(worker_id="w", max_jobs=5, lease_s=60, lookahead_s=0.2)
+        (job,) = (await queries.cycle(worker, queue=QUEUE, claim=claim)).claimed
+        assert job["start_delay"] < 0.1, f"slot {job['start_delay']:.3f} s ahead"
+    finally:
+        await worker.close()
+
+
 async def test_an_answered_send_frees_its_place_for_the_same_turns_claim(
     db_url: str, conn: Any
 ) -> None:
