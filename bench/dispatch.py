@@ -702,6 +702,9 @@ def explain_claim(ctx: Ctx) -> list[str]:
         "lease": 60.0,
         "lookahead": DispatcherConfig().lookahead_s,
         "headroom": getattr(queries, "RATE_HEADROOM", 0.98),
+        # Keys a tree's claim does not read are ignored.
+        "margin": getattr(queries, "SLOT_MARGIN_S", 0.02),
+        "answered": [],
     }
     with psycopg.connect(ctx.db.url) as conn:
         conn.execute(queries.sql("lock_queue"), {"queue": QUEUE})

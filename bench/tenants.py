@@ -312,6 +312,9 @@ def claim_params() -> dict[str, Any]:
         "lease": 60.0,
         "lookahead": 0.05,
         "headroom": queries.RATE_HEADROOM,
+        # The worker's own sends answered and not yet written: none here (a tree whose
+        # claim has no such parameter ignores it).
+        "answered": [],
     }
     # Where the tree's claim keeps its first rate slot this far ahead of now.
     margin = getattr(queries, "SLOT_MARGIN_S", None)

@@ -121,6 +121,8 @@ async def measure(url: str, batch: int, turns: int) -> dict[str, tuple[float, fl
                     "lookahead": 0.05,
                     "headroom": queries.RATE_HEADROOM,
                     "margin": queries.SLOT_MARGIN_S,
+                    # A tree before Claim.answered reads no such key (psycopg ignores it).
+                    "answered": [],
                 },
             )
             await statement(

@@ -282,6 +282,16 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
+    def unanswered_by_tenant(self) -> dict[str, int]:
+        """Jobs claimed (sending or claimed ahead) without an answer yet, per tenant:
+        what this worker's claims count against each tenant's limit (G2)."""
+        done = {e.job.id for e in self._done}
+        counts: dict[str, int] = {}
+        for entry in self._in_flight.values():
+            if entry.job.id not in done:
+                counts[entry.job.tenant_id] = counts.get(entry.job.tenant_id, 0) + 1
+        return counts
+
     def claim_tokens(self) -> list[uuid.UUID]:
         """Tokens of the jobs still active under this worker: sending, or finished with
         their outcomes not yet committed."""
@@ -339,11 +349,11 @@ class Dispatcher:
             max_jobs=self._want(freed=len(batch)),
             lease_s=self.config.lease_s,
             lookahead_s=self.config.lookahead_s,
+            # Finished, or handed to the completer and not yet written: in flight no
+            # more (G2, G3), so this claim may use their places.
+            answered=[e.job.claim_token for e in (*batch, *self._completing.values())],
         )
         release = [e.job.lock_key for e in batch if e.job.locked]
-        # Finished: in flight no more (G2, G3), so this turn's claim may use their places
-        # while the completer writes their outcomes.
-        answered = [e.job.claim_token for e in batch]
 
         async def turn(conn: queries.Conn) -> queries.CycleResult:
             began = time.perf_counter()
@@ -352,7 +362,6 @@ class Dispatcher:
                 queue=self.config.queue,
                 outcomes=outcomes,
                 release=release,
-                answered=answered,
                 claim=claim,
                 notify=self.config.worker_id,
                 on_sent=self._while_the_server_works,

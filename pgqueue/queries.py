@@ -92,6 +92,10 @@ class Claim:
     lease_s: float
     lookahead_s: float
     headroom: float = RATE_HEADROOM
+    # Claim tokens of this worker's sends that have their answers (or were given up)
+    # while their outcomes wait to be written: in flight no more (G2, G3), so the claim
+    # may hand their places on. A token no longer active (fenced) leaves nothing out.
+    answered: Sequence[uuid.UUID] = ()
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,6 @@ async def cycle(
     queue: str,
     outcomes: Outcomes | None = None,
     release: Sequence[int] = (),
-    answered: Sequence[uuid.UUID] = (),
     claim: Claim | None = None,
     notify: str | None = None,
     on_sent: Callable[[], None] | None = None,
@@ -131,8 +134,8 @@ async def cycle(
 ) -> CycleResult:
     """One transaction, sent as one pipeline (one round trip plus the commit), under the
     queue lock: write outcomes, promote the next heads, drop the conversation locks of
-    the finished sends and count them out of the limits (`answered`: their claim
-    tokens), claim new heads, and say when to look again. The dispatcher runs
+    the finished sends, claim new heads (counting the sends the worker has the answers
+    of out of the limits: Claim.answered), and say when to look again. The dispatcher runs
     one per turn of its loop (dropping locks and claiming; its completer writes most
     outcomes in cycles of their own, `lock=False`, once the locks are dropped).
 
@@ -159,9 +162,7 @@ async def cycle(
     try:
         async with conn.pipeline():
             await conn.execute(b"BEGIN", prepare=False)
-            applied, claimed, end = await _turn(
-                conn, queue, outcomes, release, answered, claim, notify, lock
-            )
+            applied, claimed, end = await _turn(conn, queue, outcomes, release, claim, notify, lock)
             await conn.execute(b"COMMIT", prepare=False)
             if on_sent is not None:
                 try:
@@ -206,19 +207,14 @@ async def _turn(
     queue: str,
     outcomes: Outcomes | None,
     release: Sequence[int],
-    answered: Sequence[uuid.UUID],
     claim: Claim | None,
     notify: str | None,
     lock: bool,
 ) -> tuple[Cursor | None, Cursor | None, Cursor | None]:
     """Queue a turn's statements in the open pipeline; returns their cursors (outcomes
     applied, jobs claimed, the turn's end: none for outcomes only)."""
-    if answered and not lock:
-        raise ValueError("sends are counted out of the limits under the queue lock")
     if lock:
         await conn.execute(sql("lock_queue"), {"queue": queue})
-    if answered:
-        await conn.execute(sql("mark_answered"), {"tokens": list(answered)})
     applied = None
     if outcomes is not None and outcomes.rows:
         applied = await _write_outcomes(conn, queue, outcomes)
@@ -234,6 +230,7 @@ async def _turn(
                 "lookahead": claim.lookahead_s,
                 "headroom": claim.headroom,
                 "margin": SLOT_MARGIN_S,
+                "answered": list(claim.answered),
             },
         )
     payload = notify if applied is not None else None

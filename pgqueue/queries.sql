@@ -225,7 +225,7 @@ WITH q AS (
            clock_timestamp() AS now,
            clock_timestamp() + make_interval(secs => %(lookahead)s) AS horizon,
            clock_timestamp() + make_interval(secs => %(margin)s) AS earliest,
-           greatest(rate_floor, clock_timestamp()) AS base, rate_booked,
+           greatest(rate_floor, clock_timestamp()) AS base, rate_booked, rate_tat,
            1.0 / (rate_per_second * %(headroom)s) AS spacing
     FROM pgqueue.queues WHERE name = %(queue)s
 ), busy AS (
@@ -234,11 +234,13 @@ WITH q AS (
     -- global limits' rows, through the one-active-per-conversation index. A completion
     -- then writes no row a claim writes, and runs beside the claims instead of queueing
     -- on this lock; one committed after this snapshot is still counted (safe side).
-    -- A send whose worker has its answer (answered_at, set by mark_answered under this
-    -- lock) is in flight no more, while its outcome waits for the completer.
+    -- The claiming worker's sends that have their answers (%(answered)s: claim tokens)
+    -- are in flight no more while their outcomes wait for its completer; told rather
+    -- than written (a row version a send cost a fifth of the no-op throughput), so
+    -- another worker's claim counts them until they commit (safe side).
     SELECT j.tenant_id, count(*)::int AS n, count(*) FILTER (WHERE j.queue = %(queue)s) AS here
     FROM pgqueue.jobs j
-    WHERE j.state = 'active' AND j.answered_at IS NULL
+    WHERE j.state = 'active' AND j.claim_token <> ALL(%(answered)s::uuid[])
     GROUP BY j.tenant_id
 ), free_global AS (
     SELECT global_concurrency - (SELECT coalesce(sum(here), 0)::int FROM busy) AS n FROM q
@@ -322,14 +324,19 @@ WITH q AS (
                                    NULLS FIRST, m.priority DESC, m.seq) AS slot
           FROM mine m) o
 ), paced AS (
-    SELECT pgqueue.pace_free(q.base, q.spacing, q.rate_booked,
-                             array_agg(o.prev ORDER BY o.slot),
-                             array_agg(CASE WHEN o.rated THEN o.rate_base END ORDER BY o.slot),
-                             array_agg(o.rate_spacing ORDER BY o.slot)) AS starts
+    -- Gaps between booked slots arise only from tenants with a rate of their own: a
+    -- claim without one takes the slots after the last (timed), as a sequence.
+    SELECT CASE WHEN bool_or(o.rated) THEN pgqueue.pace_free(
+               q.base, q.spacing, q.rate_booked,
+               array_agg(o.prev ORDER BY o.slot),
+               array_agg(CASE WHEN o.rated THEN o.rate_base END ORDER BY o.slot),
+               array_agg(o.rate_spacing ORDER BY o.slot)) END AS starts
     FROM ordered o, q GROUP BY q.base, q.spacing, q.rate_booked
 ), timed AS MATERIALIZED (
-    SELECT o.id, o.slot, p.starts[o.slot] AS start
-    FROM ordered o, paced p
+    SELECT o.id, o.slot,
+           coalesce(p.starts[o.slot], greatest(q.base, q.rate_tat)
+                                      + make_interval(secs => q.spacing * (o.slot - 1))) AS start
+    FROM ordered o, paced p, q
 ), claimed AS (
     UPDATE pgqueue.jobs j
     SET state = 'active',
@@ -337,7 +344,6 @@ WITH q AS (
         claim_token = gen_random_uuid(),
         claimed_by = %(worker_id)s,
         start_at = t.start,
-        answered_at = NULL,
         started_at = coalesce(j.started_at, t.start),
         lease_expires_at = q.now + make_interval(secs => %(lease)s),
         updated_at = q.now,
@@ -394,15 +400,6 @@ FROM claimed c
 CROSS JOIN LATERAL (SELECT * FROM pgqueue.tenants x WHERE x.id = c.tenant_id OFFSET 0) t
 CROSS JOIN q
 ORDER BY c.slot;
-
-
--- name: mark_answered
--- Sends whose workers have their answers (or gave up on them) are in flight no more
--- (G2, G3): the claim that follows in the same turn may hand their places on, while
--- their outcomes wait for the completer. Under the queue lock, so that no claim counts
--- them between two snapshots. A job no longer active under its token is left alone.
-UPDATE pgqueue.jobs SET answered_at = clock_timestamp()
-WHERE claim_token = ANY(%(tokens)s::uuid[]) AND state = 'active' AND answered_at IS NULL;
 
 
 -- name: turn_end

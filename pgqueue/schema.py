@@ -234,10 +234,6 @@ jobs = Table(
     Column("claim_token", UUID(as_uuid=True)),
     Column("claimed_by", Text),
     Column("lease_expires_at", TZ),
-    # While active: when its worker had the provider's answer (or gave up on the send).
-    # From then on the send is no longer in flight (G2, G3: pgqueue.tenant_in_flight)
-    # while its outcome waits for the worker's completer to commit it.
-    Column("answered_at", TZ),
     Column("updated_at", TZ, nullable=False, server_default=NOW),
     CheckConstraint("state IN ('waiting', 'delayed', 'active')", name="jobs_state_live"),
     CheckConstraint("priority BETWEEN -100 AND 100", name="jobs_priority_range"),
