@@ -368,7 +368,8 @@ WITH q AS (
     UPDATE pgqueue.queues qq
     SET rate_tat = greatest(qq.rate_tat, (SELECT max(start_at) FROM claimed)
                                          + make_interval(secs => q.spacing)),
-        rate_booked = (SELECT array_agg(b ORDER BY b)
+        -- None left (a spacing under a microsecond rounds to none): empty, not NULL.
+        rate_booked = (SELECT coalesce(array_agg(b ORDER BY b), '{}')
                        FROM (SELECT unnest(q.rate_booked) AS b
                              UNION ALL SELECT start_at FROM claimed) u
                        WHERE u.b > q.now - make_interval(secs => q.spacing))
@@ -1274,7 +1275,8 @@ WITH q AS (
     UPDATE pgqueue.queues qq
     SET rate_tat = greatest(qq.rate_tat, (SELECT max(x) FROM unnest(p.starts) x)
                                          + make_interval(secs => p.spacing)),
-        rate_booked = (SELECT array_agg(b ORDER BY b)
+        -- None left (a spacing under a microsecond rounds to none): empty, not NULL.
+        rate_booked = (SELECT coalesce(array_agg(b ORDER BY b), '{}')
                        FROM (SELECT unnest(p.rate_booked) AS b
                              UNION ALL SELECT unnest(p.starts)) u
                        WHERE u.b > p.now - make_interval(secs => p.spacing))

@@ -442,6 +442,30 @@ async def test_missed_slots_of_several_senders_take_the_nearest_free_slots(
         await worker.close()
 
 
+async def test_a_rate_lifted_past_a_microsecond_spacing_keeps_claiming(
+    db_url: str, conn: Any
+) -> None:
+    # At 1e9/s a slot's spacing rounds to no time at all, so a slot of now is no longer
+    # near a new one: the queue's list of booked slots must stay a list, not NULL.
+    await add_tenants(conn, 2)
+    await lift_limits(conn, rate=1e9)
+    await send_many(
+        conn, [Message(tenant_id=f"t{i % 2}", phone_number=phone(i), text="x") for i in range(8)]
+    )
+    worker = await connect(db_url, application_name="pgqueue-worker:w", generic_plans=True)
+    try:
+        claim = queries.Claim(worker_id="w", max_jobs=1, lease_s=60, lookahead_s=0.2)
+        claimed = 0
+        for _ in range(8):
+            claimed += len((await queries.cycle(worker, queue=QUEUE, claim=claim)).claimed)
+        assert claimed == 8
+        assert await queries.reslot(worker, queue=QUEUE, tenants=["t0", "t1"])
+        rows = await q(conn, "SELECT rate_booked IS NOT NULL AS listed FROM pgqueue.queues")
+        assert rows == [{"listed": True}]
+    finally:
+        await worker.close()
+
+
 async def test_a_reslot_that_waits_for_a_claim_paces_after_the_claims_slots(
     db_url: str, conn: Any
 ) -> None:
