@@ -333,8 +333,9 @@ def _openapi_routes() -> dict[str, Any]:
                             "name": "after",
                             "in": "query",
                             "required": False,
-                            "description": "a nextCursor this feed returned; none: the start",
-                            "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+                            "description": "a nextCursor this feed returned; none or empty: "
+                            "the start",
+                            "schema": {"type": "string", "pattern": "^([0-9]+-[0-9]+)?$"},
                         },
                         {
                             "name": "limit",
