@@ -243,7 +243,10 @@ WITH q AS (
     WHERE j.state = 'active' AND j.claim_token <> ALL(%(answered)s::uuid[])
     GROUP BY j.tenant_id
 ), free_global AS (
-    SELECT global_concurrency - (SELECT coalesce(sum(here), 0)::int FROM busy) AS n FROM q
+    -- Never below none: another worker's answered sends, counted here, may have let it
+    -- hand out their places already.
+    SELECT greatest(global_concurrency - (SELECT coalesce(sum(here), 0)::int FROM busy), 0) AS n
+    FROM q
 ), budget AS (
     SELECT least(
                %(max_jobs)s,

@@ -375,6 +375,31 @@ async def test_a_workers_answered_send_frees_its_place_for_its_claim(
         await worker.close()
 
 
+async def test_a_claim_after_another_workers_answered_sends_hands_out_nothing(
+    db_url: str, conn: Any
+) -> None:
+    # A worker that handed on the global place of its answered send leaves more active
+    # jobs than the limit for every other worker's claim to count: those claim nothing
+    # (G3), and must not fail (a negative count of free places).
+    await add_tenants(conn, 2)
+    await lift_limits(conn)
+    await conn.execute("UPDATE pgqueue.queues SET global_concurrency = 1")
+    await send_many(
+        conn, [Message(tenant_id=f"t{i % 2}", phone_number=phone(i), text="x") for i in range(4)]
+    )
+    worker = await connect(db_url, application_name="pgqueue-worker:w", generic_plans=True)
+    try:
+        claim = queries.Claim(worker_id="w", max_jobs=5, lease_s=60, lookahead_s=0.2)
+        (first,) = (await queries.cycle(worker, queue=QUEUE, claim=claim)).claimed
+        told = dataclasses.replace(claim, answered=[first["claim_token"]])
+        assert len((await queries.cycle(worker, queue=QUEUE, claim=told)).claimed) == 1
+        other = dataclasses.replace(claim, worker_id="w2")
+        for _ in range(2):
+            assert (await queries.cycle(worker, queue=QUEUE, claim=other)).claimed == []
+    finally:
+        await worker.close()
+
+
 async def test_a_fast_sender_gets_several_jobs_a_claim_at_its_own_pace(
     db_url: str, conn: Any
 ) -> None:
