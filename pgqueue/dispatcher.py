@@ -27,6 +27,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -286,11 +287,7 @@ class Dispatcher:
         """Jobs claimed (sending or claimed ahead) without an answer yet, per tenant:
         what this worker's claims count against each tenant's limit (G2)."""
         done = {e.job.id for e in self._done}
-        counts: dict[str, int] = {}
-        for entry in self._in_flight.values():
-            if entry.job.id not in done:
-                counts[entry.job.tenant_id] = counts.get(entry.job.tenant_id, 0) + 1
-        return counts
+        return Counter(e.job.tenant_id for e in self._in_flight.values() if e.job.id not in done)
 
     def claim_tokens(self) -> list[uuid.UUID]:
         """Tokens of the jobs still active under this worker: sending, or finished with

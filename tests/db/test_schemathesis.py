@@ -24,6 +24,7 @@ from pgqueue.admin import hash_token
 from pgqueue.config import Settings
 from pgqueue.db import make_pool
 from pgqueue.http import create_app, openapi_spec
+from tests.support.helpers import headers_made_invalid
 
 ADMIN = "admin-token-for-schemathesis-0123"
 TOKEN = "pgq_schemathesis_tenant_token_0123456789"
@@ -83,13 +84,6 @@ def shorten_long_poll(case: Any) -> None:
             query["wait"] = min(float(wait), 0.2)
 
 
-def _headers_made_invalid(case: Any) -> bool:
-    meta = case.meta
-    return meta is not None and any(
-        location == "header" and info.mode.is_negative for location, info in meta.components.items()
-    )
-
-
 # Schemathesis' own pytest plugin does not run under pytest 9 (it reads a private
 # attribute pytest removed), so each operation is driven through Hypothesis directly.
 @pytest.mark.parametrize(("path", "method"), OPERATIONS, ids=[f"{m} {p}" for p, m in OPERATIONS])
@@ -107,7 +101,7 @@ def test_the_api_keeps_its_openapi_promises(api_schema: Any, path: str, method: 
         def run(case: Any) -> None:
             shorten_long_poll(case)
             checks = list(CHECKS)
-            if _headers_made_invalid(case):
+            if headers_made_invalid(case):
                 # The valid token put on every request undoes a header made invalid on
                 # purpose (one left out, say): the request is no longer negative.
                 checks.remove(openapi_checks.negative_data_rejection)
