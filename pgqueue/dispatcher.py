@@ -149,7 +149,8 @@ class Dispatcher:
         # connection: no longer provably ours, so a send not started yet never starts.
         self._lost: set[int] = set()
         self._paused_until = 0.0  # epoch s; set by a provider's 429
-        self._reslot_waiters: list[tuple[str, asyncio.Future[float]]] = []
+        # (tenant, missed slot or None, the new slot's future)
+        self._reslot_waiters: list[tuple[str, float | None, asyncio.Future[float]]] = []
         self._reslot_task: asyncio.Task[None] | None = None
         self._job_log = DeferredJobLog()
         self._lead = SLOT_LEAD_S if getattr(provider, "waits_for_slot", False) else 0.0
@@ -594,8 +595,7 @@ class Dispatcher:
             except SlotMissed:
                 # Nothing went out: building the request took too long. Try again in a
                 # fresh slot rather than start late.
-                late = time.time() - slot
-                slot = await self._wait_for_slot(job, await self._reslot(job.tenant_id, late))
+                slot = await self._wait_for_slot(job, await self._reslot(job.tenant_id, slot))
                 continue
             except asyncio.CancelledError:
                 raise
@@ -619,34 +619,35 @@ class Dispatcher:
             delay = start_at - self._lead - time.time()
             if delay > FAR_SLOT_S and job.rate_spacing is None:
                 await asyncio.sleep(delay - self.config.lookahead_s)
-                start_at = await self._reslot(tenant, missed=False)
+                start_at = await self._reslot(tenant)
                 continue
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue  # a timer can fire early (run_loop): look at the clock again
             if time.time() < self._paused_until:
                 await asyncio.sleep(self._paused_until - time.time())
-                start_at = await self._reslot(tenant, missed=False)
+                start_at = await self._reslot(tenant)
                 continue
             late = time.time() - start_at
             if late_ok or late <= MAX_LATE_S:
                 return start_at
-            start_at = await self._reslot(tenant, late)
+            start_at = await self._reslot(tenant, start_at)
 
-    async def _reslot(self, tenant: str, late: float = 0.0, missed: bool = True) -> float:
+    async def _reslot(self, tenant: str, missed: float | None = None) -> float:
         """A new rate slot. Sends that miss their slots together (the process was starved
         of CPU) share one statement: the first asks, the others join its request.
         The slot is paced by the queue's rate and by the tenant's own, if it has one.
-        `late`: how late the missed slot's send was. `missed=False`: a slot taken again
-        after a provider pause or because it was far (FAR_SLOT_S), not a miss."""
-        if missed:
+        `missed`: the slot missed (epoch s); None for a slot taken again after a provider
+        pause or because it was far (FAR_SLOT_S), not a miss."""
+        late = 0.0 if missed is None else time.time() - missed
+        if missed is not None:
             self.stats.reslotted += 1
         waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._reslot_waiters.append((tenant, waiter))
+        self._reslot_waiters.append((tenant, missed, waiter))
         if len(self._reslot_waiters) == 1:
             self._reslot_task = asyncio.create_task(self._reslot_batch(), name="reslot")
         slot = await waiter
-        if missed:
+        if missed is not None:
             log.info(
                 "rate slot missed by %.1f ms; new slot in %.0f ms",
                 late * 1000,
@@ -663,17 +664,20 @@ class Dispatcher:
 
         async def reslot(conn: queries.Conn) -> list[float]:
             return await queries.reslot(
-                conn, queue=self.config.queue, tenants=[t for t, _ in waiters]
+                conn,
+                queue=self.config.queue,
+                tenants=[t for t, _, _ in waiters],
+                missed=[m for _, m, _ in waiters],
             )
 
         try:
             slots: list[float] = await self.with_connection(reslot)
         except Exception as e:  # the sends waiting for the slots fail with it
-            for _, w in waiters:
+            for _, _, w in waiters:
                 if not w.done():
                     w.set_exception(e)
             return
-        for (_, w), slot in zip(waiters, slots, strict=True):
+        for (_, _, w), slot in zip(waiters, slots, strict=True):
             if not w.done():
                 w.set_result(slot)
 

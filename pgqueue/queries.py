@@ -261,10 +261,17 @@ async def claim_jobs(
 
 
 async def reslot(
-    conn: Conn, *, queue: str, tenants: Sequence[str], headroom: float = RATE_HEADROOM
+    conn: Conn,
+    *,
+    queue: str,
+    tenants: Sequence[str],
+    missed: Sequence[float | None] | None = None,
+    headroom: float = RATE_HEADROOM,
 ) -> list[float]:
     """Fresh rate slots for jobs that missed their own, one per job of `tenants` (each
-    job's tenant, in order); returns their starts (epoch s).
+    job's tenant, in order); returns their starts (epoch s). `missed`: the slot each job
+    missed (epoch s), None for one taken again for another reason; a tenant's missed
+    slot that is still its last is taken back (see the statement).
 
     The queue lock is taken by a statement of its own, in one pipeline with the reslot:
     a statement reads with the snapshot it took before it waited for a lock, so a reslot
@@ -275,6 +282,7 @@ async def reslot(
     params = {
         "queue": queue,
         "tenants": list(tenants),
+        "missed": list(missed) if missed is not None else [None] * len(tenants),
         "headroom": headroom,
         "margin": SLOT_MARGIN_S,
     }

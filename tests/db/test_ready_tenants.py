@@ -467,6 +467,59 @@ async def test_missed_slots_of_several_senders_take_the_nearest_free_slots(
         await worker.close()
 
 
+async def test_a_missed_slot_that_is_still_the_senders_last_is_taken_back(
+    db_url: str, conn: Any
+) -> None:
+    # Nothing went out in a missed slot: when no later slot of its sender was handed out,
+    # the job starts again as soon as it can, not a spacing after the slot it missed;
+    # once a later slot was handed out, it goes after that one (G4b either way).
+    await add_tenants(conn, 2)
+    await lift_limits(conn, rate=1000)
+    for t in ("t0", "t1"):
+        await admin.set_tenant(conn, t, rate_per_second=2)
+    await send_many(
+        conn,
+        [
+            Message(tenant_id=t, phone_number=phone(i), text="x")
+            for i in range(3)
+            for t in ("t0", "t1")
+        ],
+    )
+    spacing = 1 / (2 * H)
+    worker = await connect(db_url, application_name="pgqueue-worker:w", generic_plans=True)
+    try:
+        # One slot of one sender (its last), two of the other (a spacing apart).
+        one = queries.Claim(worker_id="w", max_jobs=1, lease_s=60, lookahead_s=0.05)
+        (only,) = (await queries.cycle(worker, queue=QUEUE, claim=one)).claimed
+        two = queries.Claim(worker_id="w", max_jobs=2, lease_s=60, lookahead_s=0.8)
+        pair = (await queries.cycle(worker, queue=QUEUE, claim=two)).claimed
+        assert {only["tenant_id"]} | {r["tenant_id"] for r in pair} == {"t0", "t1"}
+        assert [r["tenant_id"] for r in pair] == [pair[0]["tenant_id"]] * 2
+        alone, paired = only["tenant_id"], pair[0]["tenant_id"]
+        await asyncio.sleep(queries.SLOT_MARGIN_S + 0.02)  # both first slots are missed
+        missed = [only["start_at"].timestamp(), pair[0]["start_at"].timestamp()]
+        before = time.time()
+        back, after = await queries.reslot(
+            worker, queue=QUEUE, tenants=[alone, paired], missed=missed
+        )
+        assert back - before <= queries.SLOT_MARGIN_S + 0.2, (
+            f"the sender's last slot, missed, came back {back - missed[0]:.3f} s after it"
+        )
+        assert back >= missed[0]
+        last = pair[1]["start_at"].timestamp()
+        assert after >= last + spacing - 1e-6, "a missed slot taken back before a later one"
+        rows = await q(
+            conn,
+            "SELECT id, extract(epoch FROM rate_tat)::float8 AS tat FROM pgqueue.tenants "
+            "ORDER BY id",
+        )
+        tat = {r["id"]: r["tat"] for r in rows}
+        assert abs(tat[alone] - (back + spacing)) < 1e-5
+        assert abs(tat[paired] - (after + spacing)) < 1e-5
+    finally:
+        await worker.close()
+
+
 async def test_a_rate_lifted_past_a_microsecond_spacing_keeps_claiming(
     db_url: str, conn: Any
 ) -> None:

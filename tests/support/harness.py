@@ -610,6 +610,12 @@ class Cluster:
                 env=kw.pop("env", None) or self.env(),
                 stdout=kw.pop("stdout", out),
                 stderr=out,
+                # A session of its own, as a separate service has: under the kernel's
+                # autogroup scheduling the processes of one session share one CPU
+                # share, and the workers, the API and the fake then competed for the
+                # CPU as one program against the database's backends
+                # (bench/senders.py: 13-20 % of the sends late for their slots, against 4 %).
+                start_new_session=True,
             )
         proc = Proc(label, popen, log)
         self.rss.track(label, popen.pid)
