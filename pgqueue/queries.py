@@ -245,6 +245,11 @@ async def _turn(
     return applied, claimed, end
 
 
+async def release_locks(conn: Conn, keys: Sequence[int]) -> None:
+    """Drop conversation locks of answered sends outside a turn (see the statement)."""
+    await execute(conn, "release_locks", {"release": list(keys)})
+
+
 async def claim_jobs(
     conn: Conn,
     *,

@@ -770,6 +770,16 @@ VALUES (%(tenant_id)s, %(phone_number)s, %(code)s)
 ON CONFLICT (tenant_id, phone_number) DO NOTHING;
 
 
+-- name: release_locks
+-- Between a worker's paced turns: drops the conversation locks of sends that have their
+-- answers, so that its completer can write their outcomes now rather than after the
+-- next turn (until then every other worker's claims count them in flight, G2/G3).
+-- Session locks, no transaction and no queue lock: the jobs stay active, and ours,
+-- until the completer commits them, exactly as after a turn that dropped them.
+SELECT count(*) FILTER (WHERE pg_advisory_unlock(k)) AS released
+FROM unnest(%(release)s::bigint[]) AS k;
+
+
 -- name: notify_queue
 -- Wakes the queue's workers (slots freed, tenant resumed, job retried by an operator).
 -- The payload names the worker that sent it (it ignores its own), or is empty.

@@ -588,6 +588,37 @@ async def test_a_reslot_that_waits_for_a_claim_paces_after_the_claims_slots(
         await missed.close()
 
 
+async def test_a_send_finished_between_paced_turns_is_written_before_the_next_turn(
+    db_url: str, conn: Any, tmp_path: Path
+) -> None:
+    # A paced worker turns at most every paced_turn_gap_s. A send that finishes meanwhile
+    # counts in flight for every other worker's claims until its outcome commits: its
+    # lock is dropped and the completer writes it at once, not at the next turn.
+    await add_tenants(conn, 1)
+    await lift_limits(conn, rate=1000)
+    await admin.set_tenant(conn, "t0", rate_per_second=1)
+    await send_many(
+        conn, [Message(tenant_id="t0", phone_number=phone(i), text="x") for i in range(2)]
+    )
+    gap = 3.0
+    async with running_worker(
+        db_url, tmp_path / "sends.jsonl", latency=(0.05, 0.05), paced_turn_gap_s=gap
+    ):
+        deadline = time.monotonic() + 10
+        rows: list[dict[str, Any]] = []
+        while not rows and time.monotonic() < deadline:
+            rows = await q(
+                conn,
+                "SELECT extract(epoch FROM finished_at - started_at)::float8 AS took "
+                "FROM pgqueue.job_history",
+            )
+            await asyncio.sleep(0.02)
+    assert rows, "no send finished"
+    assert rows[0]["took"] < gap / 3, (
+        f"written {rows[0]['took']:.2f} s after its start: it waited for the next turn"
+    )
+
+
 async def test_a_senders_rate_holds_in_every_second(db_url: str, conn: Any, tmp_path: Path) -> None:
     await add_tenants(conn, 2)
     await lift_limits(conn, rate=1000)
