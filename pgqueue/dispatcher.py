@@ -448,8 +448,9 @@ class Dispatcher:
                     log.error("dispatch turn failed, retrying: %s", first_line(e))
                     await asyncio.sleep(0.1)
                     continue
-                if self._done or (want and len(result.claimed) >= want):
-                    continue  # more to write, or maybe more to claim right now
+                if want and len(result.claimed) >= want:
+                    continue  # maybe more to claim right now
+                paced = False
                 if want:
                     rate_wait = result.rate_wait
                     if rate_wait is not None and rate_wait > self.config.lookahead_s / 2:
@@ -464,10 +465,14 @@ class Dispatcher:
                             wait = min(wait, hint)
                     wait = max(wait, 0.001)
                     paced = tenant_wait is not None or (rate_wait is not None and rate_wait > 0)
-                    if paced and self.config.paced_turn_gap_s > 0:
-                        # Finished sends and wake-ups gather meanwhile for the next turn.
-                        await self._paced_gap(self.config.paced_turn_gap_s)
-                        wait = max(wait - self.config.paced_turn_gap_s, 0.0)
+                    paced = paced and self.config.paced_turn_gap_s > 0
+                if self._done and not paced:
+                    continue  # more to write
+                if paced:
+                    # Wake-ups gather meanwhile for the next turn; finished sends go to
+                    # the completer without one (a turn waits for the queue lock).
+                    await self._paced_gap(self.config.paced_turn_gap_s)
+                    wait = max(wait - self.config.paced_turn_gap_s, 0.0)
             # One event and a timer: this wait runs once per turn.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -480,20 +485,25 @@ class Dispatcher:
         flight (G2, G3), and a sender at its concurrency limit lost the slots of that
         wait (bench/senders.py: 31 ms from an answer to its outcome's commit, median)."""
         end = time.monotonic() + gap
-        while (left := end - time.monotonic()) > 0:
-            if any(e.outcome and not e.outcome.needs_queue_lock for e in self._done):
-                await asyncio.sleep(min(RELEASE_GATHER_S, left))
+        while True:
+            if any(e.outcome and e.outcome.needs_queue_lock for e in self._done):
+                return  # a pause to write: the turn does that now
+            if self._done:
                 try:
                     await self._release_finished()
                 except psycopg.Error as e:
                     # Nothing is lost: the next turn drops these locks.
                     log.error("dropping finished sends' locks failed: %s", first_line(e))
                     return
-                continue
+            left = end - time.monotonic()
+            if left <= 0:
+                return
             self._finished.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
                     await self._finished.wait()
+                # Sends finish in bunches (a claim's start together): one statement each.
+                await asyncio.sleep(max(min(RELEASE_GATHER_S, end - time.monotonic()), 0))
 
     async def _release_finished(self) -> None:
         """Drop the locks of the finished sends whose outcomes need no queue lock and hand
